@@ -1,0 +1,99 @@
+"""TensorStore zarr3 volumes of the data contract (DESIGN.md section 1).
+
+Every volume is a zarr3 array with axes (z, y, x), sharded, with small blosc(zstd, shuffle) inner
+chunks so that a random 3D crop decodes only the chunks it touches. Geometry lives in the array's
+attributes. TensorStore must never be used across ``fork()``: callers open arrays inside the
+process (or thread) that reads them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+import tensorstore as ts
+
+# Inner (read) chunk and shard shapes, (z, y, x). Chosen by `python -m data_tools.bench_chunks`
+# for random 64^3..96^3 crops: see README "Converter" for the figures.
+READ_CHUNK = (32, 64, 64)
+SHARD = (64, 256, 256)
+
+
+def _shard_shape(shape) -> list[int]:
+  """Shard shape: a multiple of READ_CHUNK, no larger than needed to cover ``shape``."""
+  out = []
+  for size, inner, outer in zip(shape, READ_CHUNK, SHARD):
+    covered = -(-size // inner) * inner
+    out.append(min(outer, covered))
+  return out
+
+
+def spec(path: str, shape=None, dtype=None, attributes: Mapping[str, Any] | None = None,
+         read_chunk=READ_CHUNK) -> dict:
+  """TensorStore spec of a contract volume at ``path`` (created when shape is given)."""
+  s: dict[str, Any] = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.fspath(path)}}
+  if shape is not None:
+    dt = np.dtype(dtype)
+    inner = [min(c, max(1, n)) for c, n in zip(read_chunk, shape)]
+    s['metadata'] = {
+        'shape': [int(n) for n in shape],
+        'data_type': dt.name,
+        'dimension_names': ['z', 'y', 'x'],
+        'chunk_grid': {'name': 'regular',
+                       'configuration': {'chunk_shape': _shard_shape(shape)}},
+        'codecs': [{
+            'name': 'sharding_indexed',
+            'configuration': {
+                'chunk_shape': inner,
+                'codecs': [
+                    {'name': 'bytes', 'configuration': {'endian': 'little'}},
+                    {'name': 'blosc', 'configuration': {
+                        'cname': 'zstd', 'clevel': 3, 'shuffle': 'shuffle',
+                        'typesize': dt.itemsize}},
+                ],
+                'index_codecs': [
+                    {'name': 'bytes', 'configuration': {'endian': 'little'}},
+                    {'name': 'crc32c'},
+                ],
+            },
+        }],
+        'attributes': dict(attributes or {}),
+    }
+  return s
+
+
+def write_array(path: str, array: np.ndarray, attributes: Mapping[str, Any] | None = None,
+                context: ts.Context | None = None) -> None:
+  """Creates a zarr3 array at ``path`` (which must not exist) holding ``array``."""
+  store = ts.open(spec(path, array.shape, array.dtype, attributes), create=True,
+                  context=context or ts.Context()).result()
+  store.write(np.ascontiguousarray(array)).result()
+
+
+def shared_context(cache_bytes: int = 256 << 20, concurrency: int | None = None) -> ts.Context:
+  """One TensorStore context per process, with a capped chunk cache."""
+  cfg: dict[str, Any] = {'cache_pool': {'total_bytes_limit': int(cache_bytes)}}
+  if concurrency:
+    cfg['data_copy_concurrency'] = {'limit': int(concurrency)}
+    cfg['file_io_concurrency'] = {'limit': int(concurrency)}
+  return ts.Context(cfg)
+
+
+def open_array(path: str, context: ts.Context | None = None) -> ts.TensorStore:
+  """Opens a contract volume read-only; cached chunks are trusted (data is immutable)."""
+  s = spec(path)
+  s['recheck_cached_data'] = 'open'
+  s['recheck_cached_metadata'] = 'open'
+  return ts.open(s, read=True, context=context or ts.Context()).result()
+
+
+def read_attributes(path: str) -> dict:
+  """The zarr3 attributes (geometry) of a volume, without opening TensorStore."""
+  with open(os.path.join(path, 'zarr.json')) as f:
+    return json.load(f).get('attributes', {})
+
+
+def read_array(path: str, context: ts.Context | None = None) -> np.ndarray:
+  """Reads a whole volume into memory."""
+  return open_array(path, context).read().result()
