@@ -20,13 +20,11 @@ READ_CHUNK = (32, 64, 64)
 SHARD = (64, 256, 256)
 
 
-def _shard_shape(shape) -> list[int]:
-  """Shard shape: a multiple of READ_CHUNK, no larger than needed to cover ``shape``."""
-  out = []
-  for size, inner, outer in zip(shape, READ_CHUNK, SHARD):
-    covered = -(-size // inner) * inner
-    out.append(min(outer, covered))
-  return out
+def _chunk_shapes(shape, read_chunk=READ_CHUNK) -> tuple[list[int], list[int]]:
+  """(inner read chunk, shard) shapes for an array: the shard a multiple of the chunk."""
+  inner = [max(1, min(c, n)) for c, n in zip(read_chunk, shape)]
+  shard = [i * max(1, min(-(-n // i), s // i)) for i, n, s in zip(inner, shape, SHARD)]
+  return inner, shard
 
 
 def spec(path: str, shape=None, dtype=None, attributes: Mapping[str, Any] | None = None,
@@ -35,13 +33,13 @@ def spec(path: str, shape=None, dtype=None, attributes: Mapping[str, Any] | None
   s: dict[str, Any] = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.fspath(path)}}
   if shape is not None:
     dt = np.dtype(dtype)
-    inner = [min(c, max(1, n)) for c, n in zip(read_chunk, shape)]
+    inner, shard = _chunk_shapes(shape, read_chunk)
     s['metadata'] = {
         'shape': [int(n) for n in shape],
         'data_type': dt.name,
         'dimension_names': ['z', 'y', 'x'],
         'chunk_grid': {'name': 'regular',
-                       'configuration': {'chunk_shape': _shard_shape(shape)}},
+                       'configuration': {'chunk_shape': shard}},
         'codecs': [{
             'name': 'sharding_indexed',
             'configuration': {

@@ -1,0 +1,253 @@
+"""The converter against independent references: SimpleITK's series reader, pydicom by hand, and the
+synthetic ground truth (every voxel, every quirk, every NIfTI layout)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+
+from cspine_jax import constants
+from data_tools import convert
+from data_tools import nifti
+from data_tools import synthetic
+from data_tools import volume_store
+
+sitk = pytest.importorskip('SimpleITK', reason='SimpleITK is the independent reference reader')
+
+SEED = 7
+SIZE = 48
+# One study per quirk combination: storage x transfer syntax x feet-first x mirrored rows, each
+# with a NIfTI mask in a different voxel layout.
+QUIRKS = [
+    dict(storage='unsigned16', transfer_syntax=synthetic.EXPLICIT_VR_LE, feet_first=False,
+         mirrored=False),
+    dict(storage='unsigned12', transfer_syntax=synthetic.JPEG_LOSSLESS, feet_first=True,
+         mirrored=False),
+    dict(storage='signed16', transfer_syntax=synthetic.IMPLICIT_VR_LE, feet_first=True,
+         mirrored=True),
+    dict(storage='signed12', transfer_syntax=synthetic.JPEG_LOSSLESS, feet_first=False,
+         mirrored=True),
+    dict(storage='signed16_offset', transfer_syntax=synthetic.EXPLICIT_VR_LE, feet_first=True,
+         mirrored=False),
+]
+LABELS = [[1, 0, 1, 0, 0, 0, 0, 1], [0] * 8, [1, 1, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1, 0, 0],
+          [0] * 8]
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('rsna'))
+  studies, records = [], []
+  for i, (quirks, labels) in enumerate(zip(QUIRKS, LABELS)):
+    study = synthetic.make_study(SEED, i, SIZE, labels=np.array(labels), **quirks)
+    layout = synthetic.NIFTI_LAYOUTS[i % len(synthetic.NIFTI_LAYOUTS)]
+    records.append(synthetic.write_study(study, root, 'train', layout))
+    studies.append(study)
+  synthetic.write_csvs(root, records)
+  return root, studies
+
+
+@pytest.fixture(scope='module')
+def converted(dataset, tmp_path_factory):
+  root, _ = dataset
+  out = str(tmp_path_factory.mktemp('converted'))
+  records = convert.run(root, out, workers=2, progress=False)
+  return out, {r['uid']: r for r in records}
+
+
+def _sitk_read(folder):
+  reader = sitk.ImageSeriesReader()
+  reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder))
+  img = reader.Execute()
+  return img
+
+
+def test_every_study_converts(converted, dataset):
+  _, records = converted
+  assert len(records) == len(QUIRKS)
+  assert all(r['status'] == 'ok' for r in records.values()), records
+  assert all(r['warnings'] == [] for r in records.values())
+
+
+def test_hu_identical_to_simpleitk_and_truth(dataset, converted):
+  root, studies = dataset
+  out, records = converted
+  for study in studies:
+    ours = volume_store.read_array(os.path.join(out, 'volumes', study.uid))
+    assert ours.dtype == np.int16
+    np.testing.assert_array_equal(ours, study.hu)
+    img = _sitk_read(os.path.join(root, 'train_images', study.uid))
+    ref = sitk.GetArrayFromImage(img)  # (z, y, x), z ascending along the slice normal
+    # SimpleITK stacks along the normal (row x col); ours runs superior -> inferior.
+    normal = np.cross(study.row_dir, study.col_dir)
+    if normal[2] > 0:
+      ref = ref[::-1]
+    np.testing.assert_array_equal(ours.astype(np.int64), ref.astype(np.int64))
+    rec = records[study.uid]
+    sx, sy, sz = img.GetSpacing()
+    np.testing.assert_allclose(rec['spacing_mm'], [sz, sy, sx], rtol=1e-4)
+    np.testing.assert_allclose(rec['spacing_mm'], study.spacing, rtol=1e-4)
+
+
+def test_geometry_matches_truth(dataset, converted):
+  _, studies = dataset
+  out, records = converted
+  for study in studies:
+    rec = records[study.uid]
+    np.testing.assert_allclose(rec['origin'], study.origin, atol=1e-3)
+    np.testing.assert_allclose(rec['direction'],
+                               [study.slice_dir, study.col_dir, study.row_dir], atol=1e-6)
+    assert rec['shape'] == list(study.hu.shape)
+    assert volume_store.read_attributes(os.path.join(out, 'volumes', study.uid))[
+        'spacing_mm'] == rec['spacing_mm']
+    # z = 0 is the most superior slice: largest LPS z.
+    assert rec['direction'][0][2] < 0
+
+
+def test_order_by_position_not_instance_number(dataset, converted):
+  """pydicom by hand: slice z of the volume is the file whose position is z-th from the top."""
+  root, studies = dataset
+  out, _ = converted
+  study = next(s for s in studies if s.feet_first)
+  folder = os.path.join(root, 'train_images', study.uid)
+  by_height = sorted(os.listdir(folder), key=lambda n: -float(
+      pydicom.dcmread(os.path.join(folder, n), stop_before_pixels=True).ImagePositionPatient[2]))
+  ours = volume_store.read_array(os.path.join(out, 'volumes', study.uid))
+  for z in (0, len(by_height) // 2, len(by_height) - 1):
+    ds = pydicom.dcmread(os.path.join(folder, by_height[z]))
+    hu = ds.pixel_array.astype(np.int64) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+    np.testing.assert_array_equal(ours[z], hu)
+  # feet-first: file 1.dcm is the most inferior slice.
+  assert by_height[-1] == '1.dcm'
+
+
+def test_segmentations_aligned_in_every_layout(dataset, converted):
+  _, studies = dataset
+  out, records = converted
+  layouts = set()
+  for i, study in enumerate(studies):
+    rec = records[study.uid]
+    assert rec['has_segmentation']
+    ours = volume_store.read_array(os.path.join(out, 'segmentations', study.uid))
+    truth = nifti.cervical_labels(study.labels_volume)
+    assert ours.dtype == np.uint8
+    agreement = float((ours == truth).mean())
+    assert agreement >= 0.999, (i, agreement)
+    np.testing.assert_array_equal(ours, truth)
+    assert set(np.unique(ours)) <= set(range(8))
+    assert rec['vertebra_boxes']['C4'][0] < rec['vertebra_boxes']['C5'][0]
+    layouts.add(i % len(synthetic.NIFTI_LAYOUTS))
+  assert len(layouts) >= 3
+
+
+def test_general_resampler_equals_axis_aligned_path():
+  rng = np.random.default_rng(0)
+  data = rng.integers(0, 20, (9, 7, 5))
+  affine = np.array([[0, 0, -2.0, 10], [0, 1.5, 0, -3], [1.0, 0, 0, 4], [0, 0, 0, 1]])
+  # Target (z, y, x) -> NIfTI index: i = 8 - x, j = y, k = z - 1 (z = 0 falls outside).
+  perm = np.array([[0, 0, -1.0, 8], [0, 1, 0, 0], [1, 0, 0, -1], [0, 0, 0, 1]])
+  vox = np.linalg.inv(nifti.LPS_TO_RAS) @ affine @ perm
+  fast, cov_fast = nifti.to_grid(data, affine, vox, (6, 7, 9))
+  expected = np.zeros((6, 7, 9), data.dtype)
+  expected[1:] = np.transpose(data[::-1], (2, 1, 0))[:5]
+  np.testing.assert_array_equal(fast, expected)
+  assert cov_fast == pytest.approx(5 / 6)
+  # A 1e-5 rad rotation leaves every nearest voxel the same but forces the slice-by-slice path.
+  eps = 1e-5
+  rot = np.eye(4)
+  rot[:2, :2] = [[np.cos(eps), -np.sin(eps)], [np.sin(eps), np.cos(eps)]]
+  slow, cov_slow = nifti.to_grid(data, affine, rot @ vox, (6, 7, 9))
+  np.testing.assert_array_equal(slow, expected)
+  assert cov_slow == pytest.approx(5 / 6)
+
+
+def test_labels_and_fracture_boxes(dataset, converted):
+  _, studies = dataset
+  _, records = converted
+  for study, labels in zip(studies, LABELS):
+    rec = records[study.uid]
+    assert rec['labels'] == labels
+    zs = sorted({b['z'] for b in rec['fracture_boxes']})
+    assert zs == sorted({b[0] for b in study.boxes})
+    assert bool(zs) == bool(labels[0])
+    for b in rec['fracture_boxes']:
+      # Each box holds fracture voxels (soft-tissue density inside bone labels).
+      region = study.labels_volume[b['z'], b['y0']:b['y1'], b['x0']:b['x1']]
+      assert set(np.unique(region)) & {i + 1 for i in range(7) if labels[1 + i]}
+
+
+def test_no_patient_data_in_output(dataset, converted):
+  _, studies = dataset
+  out, _ = converted
+  needles = set()
+  for study in studies:
+    for value in study.phi.values():
+      needles.add(value.encode())
+      needles.update(part.encode() for part in value.split('^') if len(part) > 4)
+  for dirpath, _, files in os.walk(out):
+    for name in files:
+      with open(os.path.join(dirpath, name), 'rb') as f:
+        blob = f.read()
+      for needle in needles:
+        assert needle not in blob, (name, needle)
+
+
+def test_rerun_is_idempotent_and_skips(dataset, converted, tmp_path):
+  root, _ = dataset
+  out, records = converted
+  with open(os.path.join(out, convert.MANIFEST)) as f:
+    before = f.read()
+  again = convert.run(root, out, workers=1, progress=False)
+  with open(os.path.join(out, convert.MANIFEST)) as f:
+    assert f.read() == before
+  assert {r['uid'] for r in again} == set(records)
+
+
+def test_kill_minus_nine_then_resume_equals_clean_run(dataset, converted, tmp_path):
+  root, studies = dataset
+  clean_out, _ = converted
+  out = str(tmp_path / 'killed')
+  cmd = [sys.executable, '-m', 'data_tools.convert', f'--input={root}', f'--output={out}',
+         '--workers=1', '--noprogress']
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  # Kill as soon as the first study is in place: the second is then half-way.
+  import time
+  deadline = time.time() + 120
+  while time.time() < deadline:
+    vols = os.path.join(out, 'volumes')
+    if os.path.isdir(vols) and any(not n.startswith('.') for n in os.listdir(vols)):
+      break
+    time.sleep(0.02)
+  proc.kill()
+  proc.wait()
+  subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  with open(os.path.join(out, convert.MANIFEST)) as f, \
+       open(os.path.join(clean_out, convert.MANIFEST)) as g:
+    assert f.read() == g.read()
+  for sub in ('volumes', 'segmentations'):
+    assert sorted(os.listdir(os.path.join(out, sub))) == sorted(
+        os.listdir(os.path.join(clean_out, sub)))
+    for study in studies:
+      np.testing.assert_array_equal(
+          volume_store.read_array(os.path.join(out, sub, study.uid)),
+          volume_store.read_array(os.path.join(clean_out, sub, study.uid)))
+
+
+def test_uid_validation():
+  assert convert.is_valid_uid('1.2.826.0.1.3680043.10197')
+  for bad in ('', '1', '1..2', '01.2', '1.2.', '../1.2', '1.2/3', 'a.b', '1.2.3 ', '1.' * 40 + '1'):
+    assert not convert.is_valid_uid(bad), bad
+
+
+def test_manifest_record_fields(converted):
+  out, _ = converted
+  with open(os.path.join(out, convert.MANIFEST)) as f:
+    rec = json.loads(f.readline())
+  for key in ('uid', 'split', 'status', 'warnings', 'shape', 'spacing_mm', 'origin', 'direction',
+              'source_slices', 'transfer_syntaxes', 'has_segmentation', 'labels',
+              'vertebra_boxes', 'fracture_boxes'):
+    assert key in rec
+  assert len(rec['labels']) == len(constants.TARGETS)
