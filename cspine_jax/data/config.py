@@ -1,0 +1,74 @@
+"""Defaults and documentation of every ``config.data`` key read by ``cspine_jax.data``.
+
+Experiment configs embed this block and override what they need::
+
+  from cspine_jax.data import config as data_config
+  config.data = data_config.get_config()
+  config.data.root = '/data/rsna_converted'
+
+Shapes are (z, y, x) everywhere; z index 0 is the most superior slice (DESIGN.md section 1).
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default data config (small enough to train on CPU)."""
+  c = ml_collections.ConfigDict()
+
+  # --- Dataset and splits -------------------------------------------------------------------
+  c.root = ''  # Output directory of `python -m data_tools.convert` (manifest.jsonl, volumes/).
+  c.num_folds = 5  # K of the stratified K-fold split of the labelled studies.
+  c.fold = 0  # Held-out fold for evaluation, in [0, num_folds); -1 trains on every labelled study.
+  c.fold_seed = 0  # Seeds the tie-breaking of the fold assignment (folds depend on uids only).
+  # Keep only studies with a true segmentation (the seed paper's 86-study setting).
+  c.require_segmentation = False
+
+  # --- Crop geometry ------------------------------------------------------------------------
+  # 'region': one crop of the cervical spine (union of the C1..C7 boxes) per study.
+  # 'vertebrae': seven crops per study, one per vertebra (see vertebra_* below).
+  c.crop_mode = 'region'
+  c.input_shape = (64, 96, 96)  # Model input, voxels (z, y, x).
+  # Output voxel size (mm). Field of view = input_shape * spacing_mm, centred on the box centre.
+  c.spacing_mm = (2.0, 1.25, 1.25)
+  # If True, ignore spacing_mm and stretch the box (plus margin_mm each side) onto input_shape,
+  # so the whole region is always in view at a per-study spacing.
+  c.fit_to_box = False
+  c.margin_mm = 10.0  # Context added on each side of the box when fit_to_box.
+  # Studies with no true or predicted boxes: 'center' crops around the volume centre ('fit'
+  # extent fallback_extent_mm). A localizer (predicted_vertebra_boxes) is the real answer.
+  c.fallback = 'center'
+  c.fallback_extent_mm = (140.0, 90.0, 90.0)
+  c.canonical_orientation = True  # Resample into (inferior, posterior, left) axes via `direction`.
+  c.antialias = True  # Box-filter by the integer part of the downsampling factor before interp.
+  c.pad_hu = -1024.0  # Value outside the scanned volume (air).
+  # Per-vertebra crops (crop_mode='vertebrae' and make_vertebra_crops):
+  c.vertebra_shape = (32, 64, 64)
+  c.vertebra_spacing_mm = (1.0, 1.0, 1.0)
+  c.vertebra_fit_to_box = False
+  c.vertebra_margin_mm = 8.0
+
+  # --- Intensities --------------------------------------------------------------------------
+  # HU windows (center, width), one output channel each, mapped linearly to [0, 1] and clipped.
+  c.windows = ((500.0, 1800.0), (50.0, 400.0))  # bone, soft tissue
+
+  # --- Augmentation (training only) ---------------------------------------------------------
+  c.augment = ml_collections.ConfigDict()
+  c.augment.enabled = True
+  c.augment.jitter_mm = (6.0, 6.0, 6.0)  # Uniform shift of the crop centre, +- per axis.
+  c.augment.rotate_deg = 10.0  # Uniform rotation about each axis, +- degrees.
+  c.augment.scale = 0.1  # Isotropic zoom factor in [1 - s, 1 + s].
+  c.augment.flip_x_prob = 0.5  # Left-right mirror (labels are per level, not per side).
+  c.augment.intensity_scale = 0.05  # HU * U[1 - a, 1 + a] ...
+  c.augment.intensity_shift_hu = 20.0  # ... + U[-b, b] ...
+  c.augment.noise_hu = 10.0  # ... + N(0, U[0, c]) per voxel.
+
+  # --- Batching, order, parallelism, memory -------------------------------------------------
+  c.batch_size = 8  # GLOBAL batch; each of P processes reads batch_size / P rows.
+  c.eval_batch_size = 8  # GLOBAL eval batch (last one padded, `mask` marks real rows).
+  c.seed = 0  # Order and augmentation: element k of epoch e is a function of (seed, e, k) only.
+  c.shuffle = True
+  c.num_threads = 4  # Reader threads per process (TensorStore and scipy release the GIL).
+  c.num_workers = 0  # >0: Grain `mp_prefetch` spawn workers, each with num_threads threads.
+  c.prefetch = 2  # Local batches buffered ahead (per worker with num_workers > 0).
+  c.cache_mb = 256  # TensorStore chunk cache per process (shared by all threads).
+  return c

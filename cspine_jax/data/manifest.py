@@ -1,0 +1,172 @@
+"""Reading ``manifest.jsonl`` (DESIGN.md section 1) and splitting studies into folds.
+
+Folds are a function of the set of (uid, labels) only, never of the manifest's line order, so
+every process and every rerun agrees on them without communicating.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Iterable, Sequence
+
+from absl import logging
+import numpy as np
+
+from cspine_jax import constants
+
+Box = tuple[int, int, int, int, int, int]  # z0, y0, x0, z1, y1, x1 (voxels, end-exclusive)
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """One converted study: geometry, labels and boxes (no voxels)."""
+  uid: str
+  split: str
+  shape: tuple[int, int, int]
+  spacing_mm: tuple[float, float, float]
+  origin: tuple[float, float, float]
+  direction: tuple[tuple[float, ...], ...]  # rows: LPS unit vectors of the z, y, x axes
+  has_segmentation: bool
+  labels: tuple[int, ...] | None  # constants.TARGETS order, None when unknown
+  vertebra_boxes: dict[str, Box]
+  predicted_vertebra_boxes: dict[str, Box]
+  warnings: tuple[str, ...] = ()
+
+  @property
+  def boxes(self) -> dict[str, Box]:
+    """Vertebra boxes to crop from: true ones where a segmentation exists, else predicted."""
+    return self.vertebra_boxes or self.predicted_vertebra_boxes
+
+  @property
+  def box_source(self) -> str:
+    if self.vertebra_boxes:
+      return 'true'
+    return 'predicted' if self.predicted_vertebra_boxes else 'none'
+
+
+def _boxes(d) -> dict[str, Box]:
+  return {k: tuple(int(v) for v in b) for k, b in (d or {}).items() if k in constants.VERTEBRAE}
+
+
+def parse_study(obj: dict) -> Study:
+  labels = obj.get('labels')
+  if labels is not None:
+    labels = tuple(int(v) for v in labels)
+    if len(labels) != constants.NUM_TARGETS:
+      raise ValueError(f'{obj["uid"]}: {len(labels)} labels, want {constants.NUM_TARGETS}')
+  return Study(
+      uid=str(obj['uid']),
+      split=str(obj.get('split', 'train')),
+      shape=tuple(int(v) for v in obj['shape']),
+      spacing_mm=tuple(float(v) for v in obj['spacing_mm']),
+      origin=tuple(float(v) for v in obj.get('origin', (0.0, 0.0, 0.0))),
+      direction=tuple(tuple(float(v) for v in r) for r in obj.get('direction', np.eye(3))),
+      has_segmentation=bool(obj.get('has_segmentation', False)),
+      labels=labels,
+      vertebra_boxes=_boxes(obj.get('vertebra_boxes')),
+      predicted_vertebra_boxes=_boxes(obj.get('predicted_vertebra_boxes')),
+      warnings=tuple(obj.get('warnings') or ()),
+  )
+
+
+def load_manifest(root: str) -> list[Study]:
+  """All studies of ``root/manifest.jsonl`` whose status is "ok", sorted by uid.
+
+  Non-ok studies are skipped and counted in the log (they failed conversion: no volume).
+  """
+  studies, skipped = [], {}
+  with open(os.path.join(root, 'manifest.jsonl')) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      obj = json.loads(line)
+      status = obj.get('status', 'ok')
+      if status != 'ok':
+        skipped[obj.get('uid', '?')] = status
+        continue
+      studies.append(parse_study(obj))
+  if skipped:
+    logging.warning('manifest %s: skipped %d non-ok studies (e.g. %s)', root, len(skipped),
+                    next(iter(skipped.items())))
+  logging.info('manifest %s: %d ok studies', root, len(studies))
+  return sorted(studies, key=lambda s: s.uid)
+
+
+def _uid_key(uid: str, seed: int) -> int:
+  """A stable pseudo-random rank of a uid (Python's hash() is salted per process)."""
+  return int.from_bytes(hashlib.sha256(f'{seed}:{uid}'.encode()).digest()[:8], 'little')
+
+
+def stratified_folds(uids: Sequence[str], labels: np.ndarray, num_folds: int,
+                     seed: int = 0) -> np.ndarray:
+  """Fold index in [0, num_folds) for each study, stratified on the 8-label vectors.
+
+  Greedy multi-label stratification with exact fold sizes (after Sechidis et al. 2011):
+  studies go one at a time, those whose rarest positive label is rarest first (all-negative
+  ones last), each to the open fold that most lacks its label pattern: the sum over labels of
+  the fold's remaining need of positives (where the study is positive) or negatives (where it
+  is negative), each normalised by the label's total. Counting negatives too is what keeps the
+  common labels (patient_overall) balanced, not only the rare ones. Fold sizes differ by at
+  most one; on RSNA-like labels every label's positives differ by <= 2 between folds (n >= 200).
+  """
+  labels = np.asarray(labels, bool).reshape(len(uids), -1)
+  n, k = len(uids), int(num_folds)
+  if k < 1:
+    raise ValueError(f'num_folds={k}')
+  positives = labels.sum(0)
+
+  def order_key(i):
+    pos = positives[labels[i]]
+    return (pos.min() if pos.size else n + 1, _uid_key(uids[i], seed))
+
+  capacity = np.full(k, n // k)
+  capacity[: n % k] += 1
+  share = capacity / max(n, 1)
+  need_pos = share[:, None] * positives[None, :]  # (k, L) positives each fold still lacks
+  need_neg = share[:, None] * (n - positives)[None, :]
+  norm_pos, norm_neg = np.maximum(positives, 1), np.maximum(n - positives, 1)
+  fold = np.empty(n, np.int64)
+  for i in sorted(range(n), key=order_key):
+    y = labels[i]
+    gain = np.where(y, need_pos / norm_pos, need_neg / norm_neg).sum(1)
+    f = int(np.argmax(np.where(capacity > 0, gain, -np.inf)))
+    fold[i] = f
+    capacity[f] -= 1
+    need_pos[f] -= y
+    need_neg[f] -= ~y
+  return fold
+
+
+def labels_array(studies: Iterable[Study]) -> np.ndarray:
+  return np.array([s.labels for s in studies], np.int64).reshape(-1, constants.NUM_TARGETS)
+
+
+def select(studies: Sequence[Study], which: str, *, fold: int, num_folds: int,
+           fold_seed: int = 0, require_segmentation: bool = False) -> list[Study]:
+  """Studies of one split.
+
+  which: 'train' (labelled, not in ``fold``), 'eval' (labelled, in ``fold``), 'labelled' (all
+  labelled), 'test' (manifest split "test") or 'all'. ``fold=-1`` puts every labelled study in
+  'train' and none in 'eval'. Unlabelled studies never enter 'train'/'eval'.
+  """
+  if require_segmentation:
+    studies = [s for s in studies if s.has_segmentation]
+  if which == 'all':
+    return list(studies)
+  if which == 'test':
+    return [s for s in studies if s.split == 'test']
+  labelled = [s for s in studies if s.labels is not None and s.split != 'test']
+  if which == 'labelled':
+    return labelled
+  if which not in ('train', 'eval'):
+    raise ValueError(f'unknown split {which!r}')
+  if fold < 0:
+    return labelled if which == 'train' else []
+  if fold >= num_folds:
+    raise ValueError(f'fold={fold} with num_folds={num_folds}')
+  folds = stratified_folds([s.uid for s in labelled], labels_array(labelled), num_folds,
+                           fold_seed)
+  keep = (folds != fold) if which == 'train' else (folds == fold)
+  return [s for s, k in zip(labelled, keep) if k]

@@ -1,0 +1,204 @@
+"""Grain transforms: study record -> crop(s) in HU -> intensity jitter -> window channels.
+
+Element flow (dict keys):
+
+  source      {"study": Study | None, "mask": bool}
+  *Crop       {"image": f32 (z,y,x) HU  [vertebrae: (7,z,y,x)], "labels": f32 (8,),
+               "labelled": bool, "mask": bool, "uid": str  [vertebrae: + "vertebra_mask" (7,)]}
+  Intensity   same, HU jittered (training only)
+  HUWindows   "image" -> f32 (..., C) in [0, 1], one channel per (center, width) window
+
+Random transforms draw everything from the ``rng`` Grain hands them, which Grain derives from
+(pipeline seed, transform position, element index): an element's crop depends on nothing else.
+Padding records (``study is None``) become all-zero elements without any read.
+"""
+from __future__ import annotations
+
+import numpy as np
+import grain
+
+from cspine_jax import constants
+from cspine_jax.data import geometry
+from cspine_jax.data import sources
+
+NUM_VERTEBRAE = len(constants.VERTEBRAE)
+
+
+def _augment(cfg, rng) -> geometry.Augment:
+  aug = cfg.augment
+  return geometry.sample_augment(rng, jitter_mm=tuple(aug.jitter_mm), rotate_deg=aug.rotate_deg,
+                                 scale=aug.scale, flip_x_prob=aug.flip_x_prob)
+
+
+def _augment_on(cfg, rng) -> bool:
+  return rng is not None and bool(cfg.augment.enabled)
+
+
+def _targets(study) -> dict:
+  labelled = study is not None and study.labels is not None
+  labels = np.asarray(study.labels if labelled else [0] * constants.NUM_TARGETS, np.float32)
+  return {'labels': labels, 'labelled': np.bool_(labelled),
+          'uid': study.uid if study is not None else ''}
+
+
+def region_crop_map(study, cfg, augment: geometry.Augment = geometry.Augment()):
+  """``CropMap`` of the cervical-region crop of ``study`` (boxes -> fallback), plus its source.
+
+  Box: union of the C1..C7 boxes (true, else predicted). Fallback when a study has neither:
+  the centre of the volume with a ``fallback_extent_mm`` field of view (documented in config).
+  """
+  a_mm = geometry.mm_to_index(study.spacing_mm, study.direction, cfg.canonical_orientation)
+  shape = tuple(cfg.input_shape)
+  box = geometry.region_box(study.boxes)
+  if box is not None:
+    center = geometry.box_center(box)
+    spacing = (geometry.fit_spacing(box, a_mm, shape, cfg.margin_mm) if cfg.fit_to_box
+               else np.asarray(cfg.spacing_mm, float))
+    source = study.box_source
+  else:
+    center = (np.asarray(study.shape, float) - 1.0) / 2.0
+    spacing = (np.asarray(cfg.fallback_extent_mm, float) / np.asarray(shape) if cfg.fit_to_box
+               else np.asarray(cfg.spacing_mm, float))
+    source = cfg.fallback
+  cmap = geometry.crop_map(center, a_mm, shape, spacing, augment, cfg.antialias)
+  return cmap, source
+
+
+def vertebra_crop_maps(study, cfg, augments=None):
+  """Seven ``CropMap``s (None where the vertebra has no box), one per C1..C7."""
+  a_mm = geometry.mm_to_index(study.spacing_mm, study.direction, cfg.canonical_orientation)
+  shape = tuple(cfg.vertebra_shape)
+  boxes = study.boxes
+  maps = []
+  for v, name in enumerate(constants.VERTEBRAE):
+    if name not in boxes:
+      maps.append(None)
+      continue
+    box = boxes[name]
+    spacing = (geometry.fit_spacing(box, a_mm, shape, cfg.vertebra_margin_mm)
+               if cfg.vertebra_fit_to_box else np.asarray(cfg.vertebra_spacing_mm, float))
+    aug = augments[v] if augments is not None else geometry.Augment()
+    maps.append(geometry.crop_map(geometry.box_center(box), a_mm, shape, spacing, aug,
+                                  cfg.antialias))
+  return maps
+
+
+def make_region_crop(reader: sources.VolumeReader, study, cfg, rng=None) -> np.ndarray:
+  """One (z, y, x) float32 HU crop of the cervical region; augmented when ``rng`` is given."""
+  aug = _augment(cfg, rng) if _augment_on(cfg, rng) else geometry.Augment()
+  cmap, _ = region_crop_map(study, cfg, aug)
+  return geometry.resample(reader.reader_for(sources.VOLUMES, study.uid), study.shape, cmap,
+                           cfg.pad_hu)
+
+
+def make_vertebra_crops(reader: sources.VolumeReader, study, cfg, rng=None):
+  """Per-vertebra crops: ((7, z, y, x) float32 HU, (7,) bool present).
+
+  Crop v is centred on vertebra C(v+1)'s box at ``vertebra_spacing_mm`` (or stretched onto
+  ``vertebra_shape`` with ``vertebra_margin_mm`` context when ``vertebra_fit_to_box``); absent
+  vertebrae (no true or predicted box) are zeros with present=False. With ``rng``, each crop
+  gets its own spatial augmentation (seven draws, always, so streams stay aligned).
+  """
+  shape = tuple(cfg.vertebra_shape)
+  augments = None
+  if _augment_on(cfg, rng):
+    augments = [_augment(cfg, rng) for _ in range(NUM_VERTEBRAE)]
+  maps = vertebra_crop_maps(study, cfg, augments)
+  out = np.zeros((NUM_VERTEBRAE,) + shape, np.float32)
+  present = np.zeros(NUM_VERTEBRAE, bool)
+  read = reader.reader_for(sources.VOLUMES, study.uid)
+  for v, cmap in enumerate(maps):
+    if cmap is not None:
+      out[v] = geometry.resample(read, study.shape, cmap, cfg.pad_hu)
+      present[v] = True
+  return out, present
+
+
+class _Crop:
+  """Shared body of the crop transforms (region or vertebrae, random or not)."""
+
+  def __init__(self, reader: sources.VolumeReader, cfg):
+    self._reader = reader
+    self._cfg = cfg
+    self._vertebrae = cfg.crop_mode == 'vertebrae'
+    if cfg.crop_mode not in ('region', 'vertebrae'):
+      raise ValueError(f'crop_mode={cfg.crop_mode!r}')
+
+  def _apply(self, element, rng):
+    study = element['study']
+    out = _targets(study)
+    out['mask'] = np.bool_(element['mask'])
+    if self._vertebrae:
+      shape = (NUM_VERTEBRAE,) + tuple(self._cfg.vertebra_shape)
+      if study is None:
+        out['image'] = np.zeros(shape, np.float32)
+        out['vertebra_mask'] = np.zeros(NUM_VERTEBRAE, bool)
+      else:
+        out['image'], out['vertebra_mask'] = make_vertebra_crops(self._reader, study, self._cfg,
+                                                                 rng)
+    elif study is None:
+      out['image'] = np.zeros(tuple(self._cfg.input_shape), np.float32)
+    else:
+      out['image'] = make_region_crop(self._reader, study, self._cfg, rng)
+    return out
+
+
+class RandomCrop(_Crop, grain.transforms.RandomMap):
+  """Training crop: spatial augmentation from ``config.data.augment``."""
+
+  def random_map(self, element, rng: np.random.Generator):
+    return self._apply(element, rng)
+
+
+class CenterCrop(_Crop, grain.transforms.Map):
+  """Evaluation crop: the box-centred crop, no randomness."""
+
+  def map(self, element):
+    return self._apply(element, None)
+
+
+class RandomIntensity(grain.transforms.RandomMap):
+  """HU' = HU * a + b + N(0, sigma), a, b, sigma uniform per element; padding left as is."""
+
+  def __init__(self, cfg):
+    self._aug = cfg.augment
+
+  def random_map(self, element, rng: np.random.Generator):
+    aug = self._aug
+    u = rng.uniform(-1.0, 1.0, size=2)
+    sigma = rng.uniform(0.0, aug.noise_hu)
+    if not element['mask'] or not aug.enabled:
+      return element
+    image = element['image']
+    image *= np.float32(1.0 + u[0] * aug.intensity_scale)
+    image += np.float32(u[1] * aug.intensity_shift_hu)
+    if sigma > 0:
+      image += rng.standard_normal(image.shape, np.float32) * np.float32(sigma)
+    return element
+
+
+def apply_windows(hu: np.ndarray, windows) -> np.ndarray:
+  """(...,) HU -> (..., C) float32: (HU - (center - width / 2)) / width, clipped to [0, 1]."""
+  out = np.empty(hu.shape + (len(windows),), np.float32)
+  for c, (center, width) in enumerate(windows):
+    lo = np.float32(center - width / 2.0)
+    ch = out[..., c]
+    np.subtract(hu, lo, out=ch)
+    ch *= np.float32(1.0 / width)
+    np.clip(ch, 0.0, 1.0, out=ch)
+  return out
+
+
+class HUWindows(grain.transforms.Map):
+  """Image HU -> one [0, 1] channel per window (channels last); padding stays all zero."""
+
+  def __init__(self, cfg):
+    self._windows = tuple(tuple(float(v) for v in w) for w in cfg.windows)
+
+  def map(self, element):
+    image = element['image']
+    if element['mask']:
+      element['image'] = apply_windows(image, self._windows)
+    else:
+      element['image'] = np.zeros(image.shape + (len(self._windows),), np.float32)
+    return element

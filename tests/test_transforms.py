@@ -1,0 +1,203 @@
+"""Crop geometry, resampling, windows and augmentation of cspine_jax.data (no Grain pipeline)."""
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from cspine_jax.data import config as data_config
+from cspine_jax.data import fixtures
+from cspine_jax.data import geometry
+from cspine_jax.data import manifest
+from cspine_jax.data import sources
+from cspine_jax.data import transforms
+
+
+def _cfg(**kw):
+  c = data_config.get_config()
+  c.augment.enabled = False
+  for k, v in kw.items():
+    setattr(c, k, v)
+  return c
+
+
+def _study(shape, spacing, boxes=None, direction=fixtures.STANDARD_DIRECTION, uid='s'):
+  return manifest.Study(uid=uid, split='train', shape=tuple(shape), spacing_mm=tuple(spacing),
+                        origin=(0.0, 0.0, 0.0), direction=direction, has_segmentation=True,
+                        labels=(1, 0, 1, 0, 0, 0, 0, 0), vertebra_boxes=boxes or {},
+                        predicted_vertebra_boxes={})
+
+
+def _numpy_read(volume, calls=None):
+  def read(lo, hi):
+    if calls is not None:
+      calls.append((tuple(lo), tuple(hi)))
+    return volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+  return read
+
+
+def test_windows_hand_values():
+  hu = np.array([-1000.0, -400.0, -150.0, 50.0, 500.0, 1400.0, 3000.0], np.float32)
+  out = transforms.apply_windows(hu, ((500.0, 1800.0), (50.0, 400.0)))
+  assert out.shape == (7, 2) and out.dtype == np.float32
+  # bone: (hu + 400) / 1800; soft tissue: (hu + 150) / 400; clipped to [0, 1].
+  np.testing.assert_allclose(out[:, 0], [0, 0, 250 / 1800, 450 / 1800, 0.5, 1, 1], atol=1e-6)
+  np.testing.assert_allclose(out[:, 1], [0, 0, 0, 0.5, 1, 1, 1], atol=1e-6)
+
+
+def test_downsample_by_two_matches_zoom_and_block_mean():
+  rng = np.random.default_rng(0)
+  vol = rng.normal(0, 100, size=(40, 48, 48)).astype(np.float32)
+  a_mm = geometry.mm_to_index((1.0, 1.0, 1.0), fixtures.STANDARD_DIRECTION)
+  center = geometry.box_center((0, 0, 0, 40, 48, 48))
+  # No antialias: plain linear sampling at input coordinates 2 * o + 0.5, which is exactly
+  # scipy.ndimage.zoom's grid_mode=True convention for a factor of 0.5.
+  cmap = geometry.crop_map(center, a_mm, (20, 24, 24), (2.0, 2.0, 2.0), antialias=False)
+  out = geometry.resample(_numpy_read(vol), vol.shape, cmap, pad_value=-1024)
+  ref = ndi.zoom(vol, 0.5, order=1, grid_mode=True, mode='nearest')
+  np.testing.assert_allclose(out, ref, atol=1e-3)
+  # Antialias: the samples fall on 2x2x2 cell centres, so the crop is the block mean.
+  cmap = geometry.crop_map(center, a_mm, (20, 24, 24), (2.0, 2.0, 2.0), antialias=True)
+  assert cmap.pool == (2, 2, 2)
+  out = geometry.resample(_numpy_read(vol), vol.shape, cmap, pad_value=-1024)
+  np.testing.assert_allclose(out, vol.reshape(20, 2, 24, 2, 24, 2).mean((1, 3, 5)), atol=1e-3)
+
+
+def test_bright_cube_lands_in_expected_voxels_and_read_is_a_subblock():
+  # Anisotropic volume: 2 mm slices, 0.5 mm pixels; a 1000 HU cube z[10:20] y[16:32] x[20:28].
+  vol = np.zeros((40, 64, 64), np.int16)
+  vol[10:20, 16:32, 20:28] = 1000
+  box = (10, 16, 20, 20, 32, 28)
+  study = _study(vol.shape, (2.0, 0.5, 0.5), {'C3': box})
+  cfg = _cfg(input_shape=(16, 16, 16), spacing_mm=(2.0, 1.0, 1.0))
+  cmap, source = transforms.region_crop_map(study, cfg)
+  assert source == 'true' and cmap.pool == (1, 2, 2)
+  calls = []
+  out = geometry.resample(_numpy_read(vol, calls), vol.shape, cmap, pad_value=-1024)
+  # Centre (14.5, 23.5, 23.5); output o maps to z = 14.5 + (o - 7.5), y/x = 23.5 + 2 (o - 7.5).
+  # The cube's edges (15.5 .. 31.5 in y, 19.5 .. 27.5 in x, 9.5 .. 19.5 in z) fall on output
+  # 3.5 .. 11.5 (y), 5.5 .. 9.5 (x), 2.5 .. 12.5 (z): voxels 4..11, 6..9, 3..12 are cube.
+  expected = np.zeros((16, 16, 16), np.float32)
+  expected[3:13, 4:12, 6:10] = 1000.0
+  np.testing.assert_allclose(out, expected, atol=1e-3)
+  # Only the block around the crop was read, not the whole volume.
+  (lo, hi), = calls
+  assert np.all(np.subtract(hi, lo) < np.array(vol.shape)) and lo[1] >= 4 and hi[1] <= 44
+
+
+def test_crop_outside_volume_pads_with_air():
+  vol = np.full((10, 10, 10), 100, np.int16)
+  study = _study(vol.shape, (1.0, 1.0, 1.0), {'C1': (0, 0, 0, 2, 2, 2)})  # box in a corner
+  cfg = _cfg(input_shape=(8, 8, 8), spacing_mm=(1.0, 1.0, 1.0))
+  cmap, _ = transforms.region_crop_map(study, cfg)
+  out = geometry.resample(_numpy_read(vol), vol.shape, cmap, pad_value=-1024)
+  # Centre (0.5, 0.5, 0.5): output o samples o - 3; o <= 2 is outside on every axis.
+  assert np.all(out[:3] == -1024) and np.all(out[:, :3] == -1024)
+  np.testing.assert_allclose(out[3:, 3:, 3:], 100.0)
+
+
+def test_direction_canonicalises_left_right():
+  # Same anatomy stored with the x axis running patient right (direction row (-1, 0, 0)):
+  # after canonical resampling both copies must come out identical.
+  rng = np.random.default_rng(1)
+  vol = rng.normal(0, 100, size=(12, 16, 16)).astype(np.float32)
+  flipped_dir = ((0.0, 0.0, -1.0), (0.0, 1.0, 0.0), (-1.0, 0.0, 0.0))
+  box = (0, 0, 0, 12, 16, 16)
+  cfg = _cfg(input_shape=(12, 16, 16), spacing_mm=(1.0, 1.0, 1.0))
+  a, _ = transforms.region_crop_map(_study(vol.shape, (1, 1, 1), {'C1': box}), cfg)
+  b, _ = transforms.region_crop_map(_study(vol.shape, (1, 1, 1), {'C1': box}, flipped_dir), cfg)
+  out_a = geometry.resample(_numpy_read(vol), vol.shape, a, 0.0)
+  out_b = geometry.resample(_numpy_read(vol[:, :, ::-1].copy()), vol.shape, b, 0.0)
+  np.testing.assert_allclose(out_a, vol, atol=1e-4)
+  np.testing.assert_allclose(out_b, out_a, atol=1e-4)
+
+
+def test_rotation_matches_map_coordinates_reference():
+  rng = np.random.default_rng(2)
+  vol = ndi.gaussian_filter(rng.normal(0, 300, size=(30, 40, 40)), 2).astype(np.float32)
+  a_mm = geometry.mm_to_index((1.5, 1.0, 1.0), fixtures.STANDARD_DIRECTION)
+  aug = geometry.Augment(jitter_mm=(1.0, -2.0, 0.5), angles_rad=(0.2, -0.1, 0.15), zoom=1.1,
+                         flip_x=True)
+  center = np.array([14.0, 20.0, 19.0])
+  shape, spacing = (10, 12, 12), (1.5, 1.0, 1.0)
+  cmap = geometry.crop_map(center, a_mm, shape, spacing, aug, antialias=False)
+  out = geometry.resample(_numpy_read(vol), vol.shape, cmap, pad_value=-1024)
+  # Independent construction of the sample points, then map_coordinates over the whole volume.
+  o = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing='ij'), -1).reshape(-1, 3)
+  d = (o - (np.array(shape) - 1) / 2) * np.array(spacing) * 1.1
+  d[:, 2] *= -1  # flip_x
+  d = d @ geometry.rotation(aug.angles_rad).T + np.array(aug.jitter_mm)
+  pts = center + d / np.array([1.5, 1.0, 1.0])
+  ref = ndi.map_coordinates(vol, pts.T, order=1, mode='constant', cval=-1024).reshape(shape)
+  inside = np.all((pts >= 0) & (pts <= np.array(vol.shape) - 1), 1).reshape(shape)
+  assert inside.mean() > 0.9
+  np.testing.assert_allclose(out[inside], ref[inside], atol=1e-2)
+
+
+def test_flip_x_mirrors_the_crop_exactly():
+  rng = np.random.default_rng(3)
+  vol = rng.normal(0, 100, size=(20, 20, 20)).astype(np.float32)
+  a_mm = geometry.mm_to_index((1.0, 1.0, 1.0), fixtures.STANDARD_DIRECTION)
+  c = geometry.box_center((2, 3, 4, 18, 17, 16))
+  plain = geometry.resample(_numpy_read(vol), vol.shape,
+                            geometry.crop_map(c, a_mm, (8, 8, 8), (1, 1, 1)), 0.0)
+  flip = geometry.resample(_numpy_read(vol), vol.shape, geometry.crop_map(
+      c, a_mm, (8, 8, 8), (1, 1, 1), geometry.Augment(flip_x=True)), 0.0)
+  np.testing.assert_allclose(flip, plain[:, :, ::-1], atol=1e-5)
+
+
+def test_fit_to_box_stretches_box_plus_margin():
+  study = _study((100, 200, 200), (1.0, 0.5, 0.5), {'C1': (10, 40, 60, 30, 140, 100)})
+  cfg = _cfg(input_shape=(20, 40, 40), fit_to_box=True, margin_mm=5.0)
+  cmap, _ = transforms.region_crop_map(study, cfg)
+  # Extents: z 20 mm, y 50 mm, x 20 mm; + 2 * 5 mm margin; / shape -> spacing (1.5, 1.5, 0.75)
+  # mm, i.e. (1.5, 3, 1.5) input voxels per output voxel; centre (19.5, 89.5, 79.5) minus
+  # 9.5 / 19.5 / 19.5 output steps gives output voxel 0.
+  np.testing.assert_allclose(np.diagonal(cmap.matrix), [1.5, 3.0, 1.5])
+  np.testing.assert_allclose(cmap.matrix @ np.zeros(3) + cmap.offset, [5.25, 31.0, 50.25])
+
+
+@pytest.fixture(scope='module')
+def spine(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('spine'))
+  rng = np.random.default_rng(0)
+  vol, seg = fixtures.synthetic_spine((70, 48, 48), rng, noise_hu=0.0)
+  rec = fixtures.write_study(root, 'u1', vol, spacing_mm=(2.0, 1.0, 1.0), segmentation=seg,
+                             labels=[1, 0, 0, 0, 1, 0, 0, 0])
+  fixtures.write_manifest(root, [rec])
+  return root
+
+
+def test_vertebra_crops_centre_on_each_vertebra(spine):
+  study, = manifest.load_manifest(spine)
+  del study.vertebra_boxes['C4']  # an absent vertebra
+  cfg = _cfg(root=spine, vertebra_shape=(8, 16, 16), vertebra_spacing_mm=(1.0, 1.0, 1.0))
+  reader = sources.VolumeReader(spine, cache_bytes=8 << 20)
+  crops, present = transforms.make_vertebra_crops(reader, study, cfg)
+  assert crops.shape == (7, 8, 16, 16)
+  np.testing.assert_array_equal(present, [1, 1, 1, 0, 1, 1, 1])
+  assert np.all(crops[3] == 0)
+  # Each present crop is centred in its bone block (700 HU), with soft tissue around in y/x.
+  seg = reader.read(sources.SEGMENTATIONS, 'u1', (0, 0, 0), study.shape)
+  for v in np.flatnonzero(present):
+    np.testing.assert_allclose(crops[v, 3:5, 7:9, 7:9], 700.0, atol=1e-3)
+    z0, y0, x0, z1, y1, x1 = study.vertebra_boxes[f'C{v + 1}']
+    assert np.all(seg[z0:z1, y0:y1, x0:x1] == v + 1)
+  # Training mode: same rng -> same crops; different rng -> different.
+  cfg.augment.enabled = True
+  a, _ = transforms.make_vertebra_crops(reader, study, cfg, np.random.default_rng(5))
+  b, _ = transforms.make_vertebra_crops(reader, study, cfg, np.random.default_rng(5))
+  c, _ = transforms.make_vertebra_crops(reader, study, cfg, np.random.default_rng(6))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a[present], c[present])
+
+
+def test_intensity_jitter_bounds_and_padding():
+  cfg = data_config.get_config()
+  cfg.augment.noise_hu = 0.0
+  t = transforms.RandomIntensity(cfg)
+  img = np.full((4, 4, 4), 100.0, np.float32)
+  out = t.random_map({'image': img.copy(), 'mask': True}, np.random.default_rng(0))['image']
+  v = float(out[0, 0, 0])
+  assert np.all(out == v) and v != 100.0
+  assert 100 * 0.95 - 20 <= v <= 100 * 1.05 + 20
+  pad = t.random_map({'image': img.copy(), 'mask': False}, np.random.default_rng(0))['image']
+  np.testing.assert_array_equal(pad, img)
