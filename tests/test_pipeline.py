@@ -188,3 +188,16 @@ def test_fallback_crop_for_studies_without_boxes(root):
                                       process_count=1)
   b = next(it)
   assert b['mask'][0] and b['image'][0].max() > 0.5  # centre crop still shows the spine
+
+
+def test_resolve_fills_defaults_and_aliases():
+  import ml_collections
+  full = ml_collections.ConfigDict({'seed': 7, 'batch_size': 6, 'data': {
+      'root': '/r', 'channels': [(-500.0, 1300.0)], 'input_shape': (32, 32, 32),
+      'augment': {'rotate_deg': 3.0}}})
+  c = data_config.resolve(full)
+  assert c.root == '/r' and c.seed == 7 and c.batch_size == 6 and c.eval_batch_size == 6
+  assert tuple(map(tuple, c.windows)) == ((400.0, 1800.0),)
+  assert c.augment.rotate_deg == 3.0 and c.augment.scale == 0.1  # merged, not replaced
+  assert tuple(c.input_shape) == (32, 32, 32) and c.num_threads == 4
+  assert data_config.resolve(c).to_dict() == c.to_dict()  # idempotent

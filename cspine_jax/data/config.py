@@ -7,7 +7,12 @@ Experiment configs embed this block and override what they need::
   config.data.root = '/data/rsna_converted'
 
 Shapes are (z, y, x) everywhere; z index 0 is the most superior slice (DESIGN.md section 1).
+
+The pipeline reads ``resolve(config)``: these defaults overlaid with whatever the experiment
+config sets, so a config only names what it changes (and older skeletons keep working: see
+``resolve`` for the aliases).
 """
+from absl import logging
 import ml_collections
 
 
@@ -72,3 +77,38 @@ def get_config() -> ml_collections.ConfigDict:
   c.prefetch = 2  # Local batches buffered ahead (per worker with num_workers > 0).
   c.cache_mb = 256  # TensorStore chunk cache per process (shared by all threads).
   return c
+
+
+def resolve(config) -> ml_collections.ConfigDict:
+  """The complete data block of ``config`` (a full experiment config or a data block).
+
+  Defaults from ``get_config()``, overridden by the keys ``config.data`` sets (``augment``
+  merged key by key). Aliases, used only when the data block does not set the key itself:
+  ``data.channels`` = [(low, high), ...] HU windows -> ``windows`` (center, width);
+  top-level ``batch_size`` and ``seed`` -> ``data.batch_size`` and ``data.seed``;
+  ``eval_batch_size`` defaults to the (resolved) batch size.
+  """
+  full = 'data' in config
+  given = config.data if full else config
+  given = given.to_dict() if hasattr(given, 'to_dict') else dict(given)
+  out = get_config()
+  defaults = set(out.keys())
+  for key, value in given.items():
+    if key == 'augment':
+      out.augment.update(value)
+    elif key == 'channels':
+      continue
+    else:
+      if key not in defaults:
+        logging.warning('config.data.%s is not a pipeline key (see cspine_jax/data/config.py)',
+                        key)
+      out[key] = value
+  if 'windows' not in given and given.get('channels'):
+    out.windows = tuple(((lo + hi) / 2.0, hi - lo) for lo, hi in given['channels'])
+  if full:
+    for key in ('batch_size', 'seed'):
+      if key not in given and key in config:
+        out[key] = config[key]
+  if 'eval_batch_size' not in given:
+    out.eval_batch_size = out.batch_size
+  return out

@@ -20,6 +20,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from cspine_jax.data import config as data_config
 from cspine_jax.data import manifest as manifest_lib
 from cspine_jax.data import sources
 from cspine_jax.data import transforms
@@ -27,7 +28,7 @@ from cspine_jax.data import transforms
 
 def _data_config(config):
   """Accepts a full experiment config (with ``.data``) or the data block itself."""
-  return config.data if 'data' in config else config
+  return data_config.resolve(config)
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
