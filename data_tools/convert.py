@@ -109,9 +109,14 @@ def read_boxes(root: str) -> dict[str, list[dict]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _box_of(mask: np.ndarray) -> list[int]:
-  idx = [np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[0] for d in range(3)]
-  return [int(i[0]) for i in idx] + [int(i[-1]) + 1 for i in idx]
+def _vertebra_boxes(mask: np.ndarray) -> dict[str, list[int]]:
+  """{"C1": [z0, y0, x0, z1, y1, x1], ...} (end-exclusive) for the labels present, in one pass."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  boxes = {}
+  for i, sl in enumerate(ndimage.find_objects(mask, max_label=len(constants.VERTEBRAE))):
+    if sl is not None:
+      boxes[constants.VERTEBRAE[i]] = [s.start for s in sl] + [s.stop for s in sl]
+  return boxes
 
 
 def _fracture_boxes(rows, slice_files, warnings) -> list[dict]:
@@ -193,8 +198,10 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
         elif coverage < 0.999:
           warnings.append(f'{seg_name}: covers only {coverage:.1%} of the volume (0 elsewhere)')
         if mask is not None:
-          unknown = np.setdiff1d(np.unique(mask), np.arange(20))
-          if unknown.size:
+          unknown = []
+          if mask.min() < 0 or mask.max() > 19:  # cheap check first: np.unique sorts
+            unknown = np.setdiff1d(np.unique(mask), np.arange(20))
+          if len(unknown):
             warnings.append(f'{seg_name}: unexpected labels {unknown.tolist()[:5]} set to 0')
           mask = nifti.cervical_labels(mask)
       except Exception as e:  # pylint: disable=broad-except
@@ -216,9 +223,7 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
                                                    str(i + 1): v for i, v in
                                                    enumerate(constants.VERTEBRAE)}}})
       record['has_segmentation'] = True
-      record['vertebra_boxes'] = {
-          name: _box_of(mask == i + 1) for i, name in enumerate(constants.VERTEBRAE)
-          if (mask == i + 1).any()}
+      record['vertebra_boxes'] = _vertebra_boxes(mask)
       _place(seg_tmp, os.path.join(out, 'segmentations', uid))
     else:
       stale = os.path.join(out, 'segmentations', uid)

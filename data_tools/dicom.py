@@ -32,6 +32,7 @@ import os
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
 
 class StudyError(Exception):
   """A study that cannot be converted; the message names the file and what is wrong."""
@@ -59,6 +60,7 @@ class Series:
 @dataclasses.dataclass
 class _Slice:
   name: str
+  path: str
   ds: pydicom.Dataset
   position: np.ndarray
   orientation: np.ndarray
@@ -86,13 +88,14 @@ def _read_headers(folder: str, warnings: list[str]) -> list[tuple[str, pydicom.D
     if not os.path.isfile(path):
       continue
     try:
-      ds = pydicom.dcmread(path)
+      # Headers only: pixels are decoded one slice at a time later, so memory holds one study.
+      ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
       if not name.lower().endswith('.dcm'):
         warnings.append(f'{name}: not a DICOM file, ignored')
         continue
       try:  # DICOM without the 128-byte preamble
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
         if 'SOPClassUID' not in ds:
           raise InvalidDicomError('no SOPClassUID')
       except Exception:  # pylint: disable=broad-except
@@ -120,8 +123,6 @@ def _choose_series(files, warnings) -> list[tuple[str, pydicom.Dataset]]:
       reason = f'modality {modality or "missing"}'
     elif 'LOCALIZER' in image_type or 'SCOUT' in image_type:
       reason = 'localizer/scout'
-    elif 'PixelData' not in ds0:
-      reason = 'no pixel data'
     elif 'ImageOrientationPatient' not in ds0 or 'ImagePositionPatient' not in ds0:
       reason = 'no geometry'
     else:
@@ -153,7 +154,7 @@ def read_series(folder: str) -> Series:
   slices = []
   for name, ds in files:
     slices.append(_Slice(
-        name, ds,
+        name, os.path.join(folder, name), ds,
         _floats(ds.ImagePositionPatient, 3, 'ImagePositionPatient', name),
         _floats(ds.ImageOrientationPatient, 6, 'ImageOrientationPatient', name)))
   ref = slices[0]
@@ -208,21 +209,21 @@ def read_series(folder: str) -> Series:
   syntaxes = set()
   for k, s in enumerate(slices):
     syntaxes.add(str(s.ds.file_meta.get('TransferSyntaxUID', 'missing')))
-    try:
-      pixels = s.ds.pixel_array
-    except Exception as e:  # pylint: disable=broad-except
-      raise StudyError(f'{s.name}: pixel data cannot be decoded, truncated or corrupt '
-                       f'({type(e).__name__}: {e})') from None
+    pixels = _decode(s)
     if pixels.shape != hu.shape[1:]:
       raise StudyError(f'{s.name}: pixel array {pixels.shape} does not match Rows x Columns')
     slope = float(s.ds.get('RescaleSlope', 1) or 1)
     intercept = float(s.ds.get('RescaleIntercept', 0) or 0)
-    if slope == 1 and intercept == int(intercept):
-      values = pixels.astype(np.int32) + int(intercept)
-    else:
-      exact = pixels.astype(np.float64) * slope + intercept
-      values = np.rint(exact)
-      rounded |= bool(np.any(values != exact))
+    lo, hi = int(pixels.min()), int(pixels.max())
+    fits = -32768 <= lo + intercept and hi + intercept <= 32767
+    if slope == 1 and intercept == int(intercept) and fits:
+      # Exact and fast: int16 arithmetic wraps modulo 2^16, and the result is known to fit.
+      hu[k] = pixels
+      hu[k] += np.int16(intercept)
+      continue
+    exact = pixels.astype(np.float64) * slope + intercept
+    values = np.rint(exact)
+    rounded |= bool(np.any(values != exact))
     if values.min() < -32768 or values.max() > 32767:
       clipped = True
       values = np.clip(values, -32768, 32767)
@@ -246,6 +247,15 @@ def read_series(folder: str) -> Series:
       study_uid_tag=str(study_uid) if study_uid else None)
 
 
+def _decode(s: _Slice) -> np.ndarray:
+  """The slice's stored values (PixelRepresentation applied), read straight from its file."""
+  try:
+    return pixel_array(s.path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise StudyError(f'{s.name}: pixel data cannot be decoded, truncated or corrupt '
+                     f'({type(e).__name__}: {e})') from None
+
+
 def _drop_duplicates(slices: list[_Slice], normal, warnings) -> list[_Slice]:
   """Removes exact duplicate slices; two different images at one position is an error."""
   out = [slices[0]]
@@ -254,12 +264,7 @@ def _drop_duplicates(slices: list[_Slice], normal, warnings) -> list[_Slice]:
     if abs(float((s.position - prev.position) @ normal)) > 1e-3:
       out.append(s)
       continue
-    try:
-      same = np.array_equal(s.ds.pixel_array, prev.ds.pixel_array)
-    except Exception as e:  # pylint: disable=broad-except
-      raise StudyError(f'{s.name}: pixel data cannot be decoded ({type(e).__name__}: {e})'
-                       ) from None
-    if not same:
+    if not np.array_equal(_decode(s), _decode(prev)):
       raise StudyError(f'{s.name} and {prev.name}: two different slices at the same position')
     warnings.append(f'{s.name}: duplicate of {prev.name}, dropped')
   return out

@@ -24,8 +24,8 @@ def load(path: str) -> tuple[np.ndarray, np.ndarray]:
   if data.ndim != 3:
     raise ValueError(f'expected a 3-D mask, got shape {data.shape}')
   if not np.issubdtype(data.dtype, np.integer):
-    data = np.rint(data)
-  return data.astype(np.int32), np.asarray(img.affine, float)
+    data = np.rint(data).astype(np.int16)
+  return data, np.asarray(img.affine, float)
 
 
 def to_grid(data: np.ndarray, affine_ras: np.ndarray, voxel_to_lps: np.ndarray,
@@ -37,29 +37,49 @@ def to_grid(data: np.ndarray, affine_ras: np.ndarray, voxel_to_lps: np.ndarray,
   src_axis = np.argmax(np.abs(lin), axis=0)  # source axis that each target axis moves along
   axis_aligned = (len(set(src_axis.tolist())) == 3 and
                   np.allclose(lin[np.arange(3)[:, None] != src_axis[None, :]], 0, atol=1e-6))
-  out = np.zeros(shape, np.int32)
   if axis_aligned:
-    # Each source index depends on one target axis only: gather axis by axis.
-    idx, valid = [], []
+    # Each source index depends on one target axis only: i_s = a * k_t + b.
+    src = np.transpose(data, src_axis)  # a view: axis t of src moves with target axis t
+    coef = np.array([lin[src_axis[t], t] for t in range(3)])
+    offset = np.array([m[src_axis[t], 3] for t in range(3)])
+    valid = []
     for t in range(3):
-      s = src_axis[t]
-      i = np.rint(lin[s, t] * np.arange(shape[t]) + m[s, 3]).astype(np.int64)
-      ok = (i >= 0) & (i < data.shape[s])
-      idx.append(np.where(ok, i, 0))
-      valid.append(ok)
-    src = np.transpose(data, src_axis)
-    out = src[np.ix_(*idx)]
-    inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
-    out = np.where(inside, out, 0)
+      i = np.rint(coef[t] * np.arange(shape[t]) + offset[t]).astype(np.int64)
+      valid.append((i >= 0) & (i < src.shape[t]))
     coverage = float(np.prod([v.mean() for v in valid]))
+    out = np.zeros(shape, data.dtype)
+    if coverage == 0:
+      return out, 0.0
+    same_step = np.allclose(np.abs(coef), 1, atol=1e-6) and np.allclose(
+        offset, np.rint(offset), atol=1e-3)
+    if same_step:
+      # Same voxel size: a strided copy (flips are negative steps), no gather.
+      dst_sl, src_sl = [], []
+      for t in range(3):
+        k = np.nonzero(valid[t])[0]
+        a, b = int(np.rint(coef[t])), int(np.rint(offset[t]))
+        first, last = a * k[0] + b, a * k[-1] + b
+        dst_sl.append(slice(k[0], k[-1] + 1))
+        src_sl.append(slice(first, last + a if last + a >= 0 else None, a))
+      out[tuple(dst_sl)] = src[tuple(src_sl)]
+    else:
+      idx = []
+      for t in range(3):
+        i = np.rint(coef[t] * np.arange(shape[t]) + offset[t]).astype(np.int64)
+        idx.append(np.where(valid[t], i, 0))
+      out = src[np.ix_(*idx)]
+      out[~valid[0]] = 0
+      out[:, ~valid[1]] = 0
+      out[:, :, ~valid[2]] = 0
   else:
+    out = np.zeros(shape, data.dtype)
     yy, xx = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing='ij')
     covered = 0
     for z in range(shape[0]):
       pts = np.stack([np.full(yy.size, z), yy.ravel(), xx.ravel(), np.ones(yy.size)])
       ijk = np.rint(m[:3] @ pts).astype(np.int64)
       ok = np.all((ijk >= 0) & (ijk < np.array(data.shape)[:, None]), axis=0)
-      vals = np.zeros(yy.size, np.int32)
+      vals = np.zeros(yy.size, data.dtype)
       vals[ok] = data[ijk[0, ok], ijk[1, ok], ijk[2, ok]]
       out[z] = vals.reshape(yy.shape)
       covered += int(ok.sum())
@@ -69,4 +89,8 @@ def to_grid(data: np.ndarray, affine_ras: np.ndarray, voxel_to_lps: np.ndarray,
 
 def cervical_labels(mask: np.ndarray) -> np.ndarray:
   """The contract's labels: 1-7 = C1-C7, everything else (thoracic 8-19, unknown) -> 0."""
+  if mask.dtype == np.uint8:  # the usual case: one table lookup instead of three passes
+    lut = np.zeros(256, np.uint8)
+    lut[1:8] = np.arange(1, 8)
+    return lut[mask]
   return np.where((mask >= 1) & (mask <= 7), mask, 0).astype(np.uint8)
