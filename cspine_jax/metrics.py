@@ -83,7 +83,7 @@ def sensitivity_specificity(y: np.ndarray, score: np.ndarray, threshold: float
 def report(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
   """Everything eval prints: RSNA score, per-target AUC, patient sensitivity/specificity."""
   labels, probs = np.asarray(labels), np.asarray(probs)
-  out = {'rsna_score': rsna_score(labels, probs), 'studies': int(len(labels))}
+  out = {'rsna_score': rsna_score(labels, probs), 'scored_studies': int(len(labels))}
   for i, name in enumerate(constants.TARGETS):
     out[f'auc_{name}'] = roc_auc(labels[:, i], probs[:, i])
   aucs = [out[f'auc_{n}'] for n in constants.TARGETS if np.isfinite(out[f'auc_{n}'])]

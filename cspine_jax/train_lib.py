@@ -1,0 +1,173 @@
+"""Training state, optimizer and the pure step functions (jitted by train.py / eval.py).
+
+The model is a Flax NNX module; steps are pure functions over its `nnx.split` state (no
+`nnx.jit` graph traversal per call, Flax performance guide). Parameters stay float32; the compute
+dtype is the model's (`config.model.dtype`). Randomness (dropout, drop path) comes from the
+state's key folded with the step, so a resumed run draws exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from cspine_jax import losses
+from cspine_jax.models import vit3d
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any  # nnx.State of nnx.Param
+  rest: Any  # nnx.State of every other model variable (e.g. batch-norm statistics)
+  opt_state: Any
+  ema: Any  # nnx.State like params (EMA of the weights), or an empty dict when off
+  rng: jax.Array  # uint32 key data; per-step keys are fold_in(rng, step)
+
+
+def build_model(config, seed: int) -> nnx.Module:
+  return vit3d.build_model(config.model, nnx.Rngs(params=seed))
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warm-up to optimizer.lr, then cosine decay to 0 at total_steps (or constant)."""
+  opt = config.optimizer
+  warmup = int(opt.get('warmup_steps', 0))
+  total = int(config.total_steps)
+  kind = opt.get('schedule', 'cosine')
+  if kind == 'constant':
+    after = optax.constant_schedule(opt.lr)
+  elif kind == 'cosine':
+    after = optax.cosine_decay_schedule(opt.lr, max(1, total - warmup))
+  else:
+    raise ValueError(f'optimizer.schedule={kind!r}: expected "cosine" or "constant"')
+  if warmup <= 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warmup), after], [warmup])
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  opt = config.optimizer
+  if opt.name != 'adamw':
+    raise ValueError(f'optimizer.name={opt.name!r}: only "adamw" is implemented')
+  schedule = learning_rate_schedule(config)
+  parts = []
+  if opt.get('grad_clip_norm', 0.0) and opt.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  parts.append(optax.adamw(schedule, b1=opt.get('b1', 0.9), b2=opt.get('b2', 0.999),
+                           weight_decay=opt.get('weight_decay', 0.0)))
+  return optax.chain(*parts), schedule
+
+
+def init_state(config, model: nnx.Module) -> tuple[nnx.GraphDef, TrainState]:
+  """Splits the model and builds the initial TrainState (step 0)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx, _ = make_optimizer(config)
+  ema = jax.tree.map(jnp.copy, params) if config.get('ema_decay', 0.0) else {}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                     opt_state=tx.init(params), ema=ema,
+                     rng=jax.random.key_data(jax.random.key(int(config.seed) + 1)))
+  return graphdef, state
+
+
+def _loss_mask(batch) -> jax.Array:
+  mask = batch['mask'].astype(bool)
+  if 'labelled' in batch:
+    mask = mask & batch['labelled'].astype(bool)
+  return mask
+
+
+def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = None
+                    ) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
+  """The pure train step: (state, batch, teacher_params) -> (new state, metrics).
+
+  ``teacher`` (distillation): a pure function (teacher_params, images) -> logits, evaluated in the
+  same jitted step without gradients.
+  """
+  tx, schedule = make_optimizer(config)
+  loss_fn = losses.get_loss(config.loss)
+  accum = int(config.get('grad_accum_steps', 1))
+  ema_decay = float(config.get('ema_decay', 0.0))
+  distill = config.get('distill', None)
+  use_distill = bool(distill and distill.get('teacher_workdir'))
+
+  def compute_loss(params, rest, micro, key, teacher_params):
+    model = nnx.merge(graphdef, params, rest)
+    out = model.outputs(micro['image'], deterministic=False, rng=key)
+    mask = _loss_mask(micro)
+    labels = micro['labels']
+    aux = {}
+    if use_distill:
+      t_logits = teacher(teacher_params, micro['image'])
+      loss, parts = losses.distillation_loss(
+          out['logits_cls'] if 'logits_cls' in out else out['logits'],
+          out['logits_dist'] if 'logits_dist' in out else out['logits'],
+          labels, t_logits, alpha=float(distill.alpha), kind=distill.kind,
+          temperature=float(distill.get('temperature', 1.0)), loss=config.loss, mask=mask)
+      aux.update({f'loss_{k}': v for k, v in parts.items()})
+    else:
+      loss = loss_fn(out['logits'], labels, mask)
+    new_rest = nnx.state(model, nnx.Not(nnx.Param))
+    return loss, (aux, new_rest)
+
+  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict, teacher_params=None):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if accum == 1:
+      (loss, (aux, rest)), grads = grad_fn(state.params, state.rest, batch, key, teacher_params)
+    else:
+      # Gradient accumulation: the batch in `accum` micro-batches, summed in a scan.
+      micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]),
+                           batch)
+
+      def body(carry, xs):
+        g_sum, l_sum, rest, i = carry
+        (l, (aux, rest)), g = grad_fn(state.params, rest, xs, jax.random.fold_in(key, i),
+                                      teacher_params)
+        return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, rest, i + 1), aux
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, loss, rest, _), aux = jax.lax.scan(
+          body, (zeros, jnp.zeros((), jnp.float32), state.rest, 0), micro)
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum
+      aux = jax.tree.map(jnp.mean, aux)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema_decay:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema, params)
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+               'param_norm': optax.tree.norm(params),
+               'learning_rate': schedule(state.step), **aux}
+    new_state = state.replace(step=state.step + 1, params=params, rest=rest,
+                              opt_state=opt_state, ema=ema)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_predict_fn(graphdef: nnx.GraphDef, use_ema: bool = False
+                    ) -> Callable[[TrainState, jax.Array], jax.Array]:
+  """(state, images) -> (B, 8) probabilities, deterministic (no dropout)."""
+
+  def predict(state: TrainState, images: jax.Array) -> jax.Array:
+    params = state.ema if use_ema and state.ema else state.params
+    model = nnx.merge(graphdef, params, state.rest)
+    return jax.nn.sigmoid(model(images, deterministic=True))
+
+  return predict
+
+
+def make_logits_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Any, jax.Array], jax.Array]:
+  """(params, rest, images) -> logits: a frozen model (e.g. a distillation teacher)."""
+
+  def logits(params, rest, images):
+    return nnx.merge(graphdef, params, rest)(images, deterministic=True)
+
+  return logits
