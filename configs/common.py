@@ -1,0 +1,139 @@
+"""Shared config skeleton; experiment configs start from `get_config()` here.
+
+Not an experiment itself. Keys (all read by the training/eval code):
+
+  seed                       PRNG seed (parameters, data order, dropout).
+  data.root                  output folder of `python -m data_tools.convert`.
+  data.input_shape           (z, y, x) voxels of the crop fed to the model.
+  data.spacing_mm            (dz, dy, dx) the crop is resampled to.
+  data.channels              list of HU windows (low, high), one per input
+                             channel, each mapped to [0, 1].
+  data.fold, data.num_folds  cross-validation split (by study).
+  batch_size                 global batch size.
+  total_steps, log_every_steps, eval_every_steps, checkpoint_every_steps
+  optimizer.*                name ("adamw"), lr (peak), weight_decay,
+                             warmup_steps (linear), schedule ("cosine" |
+                             "constant" after warm-up), grad_clip_norm (0 =
+                             off), b1, b2.
+  loss                       "bce" | "rsna_weighted" (cspine_jax/losses.py).
+  model.*                    arguments of cspine_jax.models.build_model
+                             (`name` picks the class; see vit3d.ViT3D).
+
+`model.input_shape` is a reference to `data.input_shape`, so overriding
+`--config.data.input_shape` also resizes the model. `model.in_channels` must
+equal len(data.channels): configs that change the windows set both.
+"""
+
+from ml_collections import config_dict
+
+# Bone window (level 400, width 1800): cortical bone and fracture lines.
+BONE_WINDOW = (-500.0, 1300.0)
+
+
+def get_config() -> config_dict.ConfigDict:
+  config = config_dict.ConfigDict()
+  config.seed = 0
+
+  config.data = config_dict.ConfigDict()
+  config.data.root = ''
+  config.data.input_shape = (128, 128, 128)
+  config.data.spacing_mm = (1.25, 1.0, 1.0)
+  config.data.channels = [BONE_WINDOW]
+  config.data.fold = 0
+  config.data.num_folds = 5
+
+  config.batch_size = 8
+  config.total_steps = 10_000
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 1_000
+
+  config.optimizer = config_dict.ConfigDict()
+  config.optimizer.name = 'adamw'
+  config.optimizer.lr = 3e-4
+  config.optimizer.weight_decay = 0.05
+  config.optimizer.warmup_steps = 500
+  config.optimizer.schedule = 'cosine'
+  config.optimizer.grad_clip_norm = 1.0
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+
+  config.loss = 'bce'
+
+  config.model = config_dict.ConfigDict()
+  config.model.name = 'vit3d'
+  config.model.input_shape = config.data.get_ref('input_shape')
+  config.model.in_channels = 1
+  config.model.patch_size = (16, 16, 16)
+  config.model.width = 384
+  config.model.depth = 6
+  config.model.num_heads = 6
+  config.model.mlp_dim = 1536
+  config.model.head_dim = None
+  config.model.pos_embedding = 'sincos'
+  config.model.pool = 'cls'
+  config.model.patient_head = 'logit'
+  config.model.distill_token = False
+  config.model.patch_embed_norm = False
+  config.model.qkv_bias = True
+  config.model.dropout = 0.0
+  config.model.attention_dropout = 0.0
+  config.model.emb_dropout = 0.0
+  config.model.drop_path = 0.0
+  config.model.norm_epsilon = 1e-6
+  config.model.gelu_approximate = False
+  config.model.head_zero_init = True
+  config.model.head_bias_init = 'prior'
+  config.model.attention = 'full'
+  config.model.deformable_layers = None
+  config.model.deformable = None
+  config.model.dtype = 'float32'
+  config.model.param_dtype = 'float32'
+  config.model.remat = False
+  config.model.remat_policy = 'nothing_saveable'
+  config.model.scan_layers = False
+  return config
+
+
+def seed_vit(config: config_dict.ConfigDict, dropout: float
+             ) -> config_dict.ConfigDict:
+  """The seed paper's 3D ViT (its Tables I-II), in vit_pytorch's layout.
+
+  The seed describes vit_pytorch's `vit_3d.ViT` (CLS token, learned position
+  code, one `dropout` for attention and MLP, 12 layers; its Fig. 4 says
+  "Simple ViT", but that model has neither a CLS token nor dropout), so the
+  layout options mirror it (tests/test_vit_reference.py checks the mirror).
+  The seed gives no width: ViT-Base (768 wide, 12 heads of 64, MLP 3072) is
+  the choice, the usual companion of 12 layers. Input: the cervical crop at
+  (1.25, 1, 1) mm, 128^3 voxels = 160 x 128 x 128 mm (C1-C7 span ~12-14 cm);
+  patches of 8 x 16 x 16 voxels (10 x 16 x 16 mm, a vertebral body is
+  ~15 mm high, so ~1.5 tokens per vertebra along z) -> 16 x 8 x 8 = 1024
+  tokens. Optimizer as the seed (Adam, constant 3e-4, batch 1, BCE): AdamW
+  with weight decay 0, no warm-up, no clipping.
+  """
+  config.batch_size = 1
+  config.loss = 'bce'
+  config.optimizer.lr = 3e-4
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.warmup_steps = 0
+  config.optimizer.schedule = 'constant'
+  config.optimizer.grad_clip_norm = 0.0
+
+  m = config.model
+  m.patch_size = (8, 16, 16)
+  m.width = 768
+  m.depth = 12
+  m.num_heads = 12
+  m.head_dim = 64
+  m.mlp_dim = 3072
+  m.pos_embedding = 'learned'
+  m.pool = 'cls'
+  m.patch_embed_norm = True
+  m.qkv_bias = False
+  m.norm_epsilon = 1e-5
+  m.dropout = dropout
+  m.attention_dropout = dropout
+  m.emb_dropout = dropout
+  # bf16 compute on accelerators, float32 parameters (big_vision / MaxText).
+  m.dtype = 'bfloat16'
+  return config

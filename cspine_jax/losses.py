@@ -1,0 +1,125 @@
+"""Training losses on (batch, 8) logits in TARGETS order (patient, C1..C7).
+
+* "bce": mean binary cross-entropy over examples and the 8 targets (the seed).
+* "rsna_weighted": the RSNA 2022 metric as a loss: per example
+  sum_t w_t * bce_t / sum_t w_t with w = 7, 1, ..., 1 where the label is
+  negative and 14, 2, ..., 2 where positive (constants.py), then the mean over
+  examples. It is computed from logits (log-sigmoid), so no clipping is
+  needed; the competition metric's clipping of probabilities belongs to
+  metrics, not to the loss.
+* Distillation (DeiT, with sigmoids instead of a softmax):
+  (1 - alpha) * task(logits_cls, labels) + alpha * task(logits_dist, targets)
+  where targets are the teacher's decisions (hard: 1[teacher logit > 0], i.e.
+  sigmoid > 0.5) or its temperature-softened probabilities (soft:
+  sigmoid(teacher / T), student logits divided by T, the term scaled by T^2
+  so that its gradient keeps its size as T changes, Hinton et al. 2015).
+  The soft term is a cross-entropy, which differs from the KL divergence by
+  the teacher's entropy, a constant for the student.
+
+`mask` arguments (batch,) weight examples (0 for padding) and the mean is
+over the examples with weight > 0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from cspine_jax import constants
+
+LOSSES = ('bce', 'rsna_weighted')
+DISTILL_KINDS = ('hard', 'soft')
+
+
+def sigmoid_bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Elementwise -[y log sigmoid(z) + (1 - y) log sigmoid(-z)], float32.
+
+  Targets may be soft (in [0, 1]).
+  """
+  z = logits.astype(jnp.float32)
+  y = targets.astype(jnp.float32)
+  return -(y * jax.nn.log_sigmoid(z) + (1.0 - y) * jax.nn.log_sigmoid(-z))
+
+
+def _masked_mean(per_example: jax.Array, mask: jax.Array | None) -> jax.Array:
+  if mask is None:
+    return per_example.mean()
+  m = mask.astype(jnp.float32)
+  return (per_example * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def rsna_weights(labels: jax.Array) -> jax.Array:
+  """(..., 8) per-target weights of the RSNA metric (soft labels interpolate)."""
+  y = labels.astype(jnp.float32)
+  neg = jnp.asarray(constants.NEGATIVE_WEIGHTS, jnp.float32)
+  pos = jnp.asarray(constants.POSITIVE_WEIGHTS, jnp.float32)
+  return neg + y * (pos - neg)
+
+
+def bce_loss(logits: jax.Array, targets: jax.Array,
+             mask: jax.Array | None = None, *,
+             weight_labels: jax.Array | None = None) -> jax.Array:
+  """Mean BCE over examples and targets. (`weight_labels` is unused.)"""
+  del weight_labels
+  return _masked_mean(sigmoid_bce(logits, targets).mean(axis=-1), mask)
+
+
+def rsna_weighted_bce(logits: jax.Array, targets: jax.Array,
+                      mask: jax.Array | None = None, *,
+                      weight_labels: jax.Array | None = None) -> jax.Array:
+  """Per-example RSNA-weighted BCE, averaged over examples.
+
+  The weights follow `weight_labels` (default: `targets`). Distillation
+  passes the true labels there, so that the weights stay the metric's even
+  when the targets are the teacher's.
+  """
+  w = rsna_weights(targets if weight_labels is None else weight_labels)
+  per_example = (w * sigmoid_bce(logits, targets)).sum(-1) / w.sum(-1)
+  return _masked_mean(per_example, mask)
+
+
+def get_loss(name: str) -> Callable[..., jax.Array]:
+  """'bce' | 'rsna_weighted' -> loss(logits, targets, mask=None)."""
+  if name == 'bce':
+    return bce_loss
+  if name == 'rsna_weighted':
+    return rsna_weighted_bce
+  raise ValueError(f'loss {name!r} not in {LOSSES}')
+
+
+def distill_targets(teacher_logits: jax.Array, kind: str,
+                    temperature: float = 1.0) -> jax.Array:
+  """Teacher logits -> targets for the distillation head (no gradient)."""
+  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  if kind == 'hard':
+    return (t > 0).astype(jnp.float32)
+  if kind == 'soft':
+    return jax.nn.sigmoid(t / temperature)
+  raise ValueError(f'distill kind {kind!r} not in {DISTILL_KINDS}')
+
+
+def distillation_loss(logits_cls: jax.Array, logits_dist: jax.Array,
+                      labels: jax.Array, teacher_logits: jax.Array, *,
+                      alpha: float, kind: str, temperature: float = 1.0,
+                      loss: str = 'bce',
+                      mask: jax.Array | None = None
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """DeiT loss: (1 - alpha) * task(cls head) + alpha * distill(dist head).
+
+  Both terms use the same task loss (`loss`), the distillation term against
+  the teacher's targets (with the RSNA weights, if any, taken from the true
+  labels). Hard targets ignore `temperature`. Returns (loss, parts) with
+  parts = {"task": ..., "distill": ...} for logging.
+  """
+  fn = get_loss(loss)
+  task = fn(logits_cls, labels, mask)
+  targets = distill_targets(teacher_logits, kind, temperature)
+  if kind == 'soft':
+    distill = temperature ** 2 * fn(logits_dist / temperature, targets, mask,
+                                    weight_labels=labels)
+  else:
+    distill = fn(logits_dist, targets, mask, weight_labels=labels)
+  total = (1.0 - alpha) * task + alpha * distill
+  return total, {'task': task, 'distill': distill}

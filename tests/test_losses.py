@@ -1,0 +1,138 @@
+"""Losses against hand-computed values and the RSNA metric's definition."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cspine_jax import losses
+
+LOG2 = math.log(2.0)
+
+
+def test_sigmoid_bce_hand_values():
+  z = jnp.array([0.0, 0.0, 2.0, 2.0, -3.0, 0.0])
+  y = jnp.array([0.0, 1.0, 1.0, 0.0, 1.0, 0.25])
+  want = [LOG2, LOG2, math.log1p(math.exp(-2.0)), 2.0 + math.log1p(
+      math.exp(-2.0)), 3.0 + math.log1p(math.exp(-3.0)), LOG2]
+  np.testing.assert_allclose(losses.sigmoid_bce(z, y), want, rtol=1e-6)
+  # Large logits stay finite (log-sigmoid, not log of a rounded sigmoid).
+  assert float(losses.sigmoid_bce(jnp.array(200.0), jnp.array(0.0))) == 200.0
+
+
+def test_bce_loss_mean_and_mask():
+  logits = jnp.zeros((3, 8)).at[1].set(2.0)
+  labels = jnp.ones((3, 8))
+  per = np.array([LOG2, math.log1p(math.exp(-2.0)), LOG2])
+  np.testing.assert_allclose(losses.bce_loss(logits, labels), per.mean(),
+                             rtol=1e-6)
+  mask = jnp.array([1.0, 1.0, 0.0])
+  np.testing.assert_allclose(losses.bce_loss(logits, labels, mask),
+                             per[:2].mean(), rtol=1e-6)
+
+
+def test_rsna_weighted_hand_values():
+  very_sure = -30.0  # bce of a negative label at -30 is ~1e-13
+  logits = jnp.full((2, 8), very_sure).at[:, 0].set(0.0)
+  # Study 0: all negative -> only patient_overall (weight 7 of 14) costs log 2.
+  # Study 1: patient positive (weight 14), C1..C7 negative (7 x 1): 14/21.
+  labels = jnp.zeros((2, 8)).at[1, 0].set(1.0)
+  per_study = [7 * LOG2 / 14, 14 * LOG2 / 21]
+  got = losses.rsna_weighted_bce(logits, labels)
+  np.testing.assert_allclose(got, np.mean(per_study), rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.rsna_weighted_bce(logits, labels, jnp.array([0.0, 1.0])),
+      per_study[1], rtol=1e-5)
+
+
+def test_rsna_weighted_equals_competition_metric():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 2, size=(5, 8))
+  labels = (rng.uniform(size=(5, 8)) < 0.4).astype(np.float64)
+  p = np.clip(1 / (1 + np.exp(-logits)), 1e-15, 1 - 1e-15)
+  w = np.where(labels == 1, [14, 2, 2, 2, 2, 2, 2, 2], [7, 1, 1, 1, 1, 1, 1, 1])
+  ll = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+  metric = np.mean((w * ll).sum(1) / w.sum(1))
+  got = losses.get_loss('rsna_weighted')(jnp.asarray(logits, jnp.float32),
+                                         jnp.asarray(labels))
+  np.testing.assert_allclose(got, metric, rtol=1e-5)
+  # And it is not the plain mean BCE on these labels.
+  assert abs(float(losses.get_loss('bce')(jnp.asarray(logits),
+                                          jnp.asarray(labels))) - metric) > 1e-3
+
+
+def _np_bce(z, y):
+  return -(y * np.log(1 / (1 + np.exp(-z))) +
+           (1 - y) * np.log(1 - 1 / (1 + np.exp(-z))))
+
+
+def test_distillation_hard():
+  cls = jnp.array([[0.5, -1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+  dist = jnp.array([[1.0, 1.0, -2.0, 0.5, 0.0, 0.0, 0.0, 0.0]])
+  labels = jnp.array([[1.0, 0, 1, 0, 0, 0, 0, 0]])
+  teacher = jnp.array([[3.0, 0.2, -0.1, -4.0, 5.0, -1.0, 0.0, 1.0]])
+  hard = np.array([1.0, 1, 0, 0, 1, 0, 0, 1])  # logit > 0 (0.0 -> 0)
+  task = _np_bce(np.asarray(cls[0]), np.asarray(labels[0])).mean()
+  distill = _np_bce(np.asarray(dist[0]), hard).mean()
+  total, parts = losses.distillation_loss(cls, dist, labels, teacher,
+                                          alpha=0.3, kind='hard')
+  np.testing.assert_allclose(parts['task'], task, rtol=1e-5)
+  np.testing.assert_allclose(parts['distill'], distill, rtol=1e-5)
+  np.testing.assert_allclose(total, 0.7 * task + 0.3 * distill, rtol=1e-5)
+
+
+def test_distillation_soft_temperature():
+  rng = np.random.default_rng(1)
+  cls, dist, teacher = (rng.normal(size=(4, 8)).astype(np.float32)
+                        for _ in range(3))
+  labels = (rng.uniform(size=(4, 8)) < 0.5).astype(np.float32)
+  t = 2.0
+  soft = 1 / (1 + np.exp(-teacher / t))
+  distill = t * t * _np_bce(dist / t, soft).mean()
+  total, parts = losses.distillation_loss(
+      jnp.asarray(cls), jnp.asarray(dist), jnp.asarray(labels),
+      jnp.asarray(teacher), alpha=0.5, kind='soft', temperature=t)
+  np.testing.assert_allclose(parts['distill'], distill, rtol=1e-5)
+  np.testing.assert_allclose(
+      total, 0.5 * _np_bce(cls, labels).mean() + 0.5 * distill, rtol=1e-5)
+
+
+def test_soft_distillation_gradient_vanishes_at_teacher_and_not_through_it():
+  teacher = jnp.array([[1.5, -0.5, 0.2, -3.0, 0.0, 2.0, -1.0, 0.7]])
+  labels = jnp.zeros((1, 8))
+
+  def distill(dist, teach):
+    return losses.distillation_loss(dist, dist, labels, teach, alpha=1.0,
+                                    kind='soft', temperature=3.0,
+                                    loss='rsna_weighted')[0]
+
+  g_student, g_teacher = jax.grad(distill, argnums=(0, 1))(teacher, teacher)
+  np.testing.assert_allclose(g_student, 0.0, atol=1e-7)
+  np.testing.assert_array_equal(g_teacher, 0.0)
+  g_away = jax.grad(distill)(teacher + 1.0, teacher)
+  assert np.all(np.asarray(g_away) > 0)
+
+
+def test_distillation_rsna_weights_follow_true_labels():
+  dist = jnp.zeros((1, 8))
+  teacher = jnp.full((1, 8), -5.0)  # hard targets all 0
+  labels = jnp.zeros((1, 8)).at[0, 0].set(1.0)
+  _, parts = losses.distillation_loss(dist, dist, labels, teacher, alpha=1.0,
+                                      kind='hard', loss='rsna_weighted')
+  # Every term costs log 2; weights from the labels: 14 + 7 = 21 -> log 2.
+  np.testing.assert_allclose(parts['distill'], LOG2, rtol=1e-6)
+  dist2 = dist.at[0, 0].set(-2.0)  # cheaper patient term, weight 14 of 21
+  _, parts2 = losses.distillation_loss(dist2, dist2, labels, teacher,
+                                       alpha=1.0, kind='hard',
+                                       loss='rsna_weighted')
+  want = (14 * math.log1p(math.exp(-2.0)) + 7 * LOG2) / 21
+  np.testing.assert_allclose(parts2['distill'], want, rtol=1e-5)
+
+
+def test_unknown_names_raise():
+  with pytest.raises(ValueError):
+    losses.get_loss('focal')
+  with pytest.raises(ValueError):
+    losses.distill_targets(jnp.zeros(8), 'medium')
