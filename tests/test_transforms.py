@@ -201,3 +201,25 @@ def test_intensity_jitter_bounds_and_padding():
   assert 100 * 0.95 - 20 <= v <= 100 * 1.05 + 20
   pad = t.random_map({'image': img.copy(), 'mask': False}, np.random.default_rng(0))['image']
   np.testing.assert_array_equal(pad, img)
+
+
+@pytest.mark.parametrize('order', [0, 1])
+def test_clipped_pooled_crop_equals_crop_of_explicitly_padded_volume(order):
+  # The crop runs off three faces of the volume: pooled cells straddling the edge must average
+  # in pad_value exactly as if the volume had been padded with it beforehand.
+  rng = np.random.default_rng(4)
+  vol = rng.integers(-1000, 1500, size=(30, 41, 37)).astype(np.int16)
+  a_mm = geometry.mm_to_index((1.0, 0.5, 0.4), fixtures.STANDARD_DIRECTION)
+  aug = geometry.Augment(angles_rad=(0.1, 0.0, -0.05))
+  cmap = geometry.crop_map((3.0, 35.0, 2.5), a_mm, (12, 14, 10), (2.0, 1.5, 1.3), aug)
+  assert cmap.pool == (2, 3, 3)
+  if order == 0:
+    cmap = geometry.CropMap(cmap.matrix, cmap.offset, cmap.shape, (1, 1, 1))
+  out = geometry.resample(_numpy_read(vol), vol.shape, cmap, pad_value=-1024, order=order)
+  m = 25
+  padded = np.pad(vol, m, constant_values=-1024)
+  shifted = geometry.CropMap(cmap.matrix, cmap.offset + m, cmap.shape, cmap.pool)
+  ref = geometry.resample(_numpy_read(padded), padded.shape, shifted, pad_value=-1024,
+                          order=order)
+  assert (out == -1024).mean() > 0.2 and (out != -1024).mean() > 0.2  # really clipped
+  np.testing.assert_allclose(out, ref, atol=1e-2)

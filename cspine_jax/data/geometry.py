@@ -167,34 +167,56 @@ def resample(read: Callable[[np.ndarray, np.ndarray], np.ndarray], volume_shape,
   """
   lo_c, hi_c, lo, hi = source_block(cmap, volume_shape)
   if np.any(hi_c <= lo_c):  # Entirely outside the volume.
-    return np.full(cmap.shape, pad_value, np.float32)
+    return np.full(cmap.shape, pad_value, np.float32 if order == 1 else np.uint8)
   block = read(lo_c, hi_c)
-  # Pad the clipped block back to [lo, hi) so the pool grid and the offsets stay simple.
-  pad = [(int(a), int(b)) for a, b in zip(lo_c - lo, hi - hi_c)]
   pool = np.asarray(cmap.pool if order == 1 else (1, 1, 1))
-  if any(p > 1 for p in pool):
-    block = np.pad(block, pad, constant_values=pad_value) if any(map(any, pad)) else block
-    block = _mean_pool(block, pool)
-    origin = lo + (pool - 1) / 2.0
-  else:
-    block = block.astype(np.float32, copy=False) if order == 1 else block
-    origin = lo_c.astype(float)
+  # Pooled axes keep the grid anchored at the unclipped lo (cells straddling the volume's edge
+  # average in pad_value); unpooled axes need no grid and start at the clipped lo.
+  origin = np.where(pool > 1, lo + (pool - 1) / 2.0, lo_c).astype(float)
+  for axis in np.argsort(-pool, kind='stable'):
+    if pool[axis] > 1:
+      block = _pool_axis(block, int(axis), int(pool[axis]), int(lo_c[axis] - lo[axis]),
+                         int(hi[axis] - lo[axis]) // int(pool[axis]), pad_value)
   matrix = cmap.matrix / pool[:, None]
   offset = (cmap.offset - origin) / pool
   if np.count_nonzero(matrix - np.diag(np.diagonal(matrix))) == 0:
     matrix = np.diagonal(matrix)  # scipy's separable zoom-shift path: ~20% faster.
+  # int16 input is fine: scipy interpolates in double and writes float32 directly.
+  # 'grid-constant': outside the block is pad_value *with* interpolation, i.e. exactly as if
+  # the volume had been padded (plain 'constant' snaps the last half voxel to pad_value).
   out = ndi.affine_transform(block, matrix, offset=offset, output_shape=cmap.shape, order=order,
-                             mode='constant', cval=pad_value, prefilter=False,
+                             mode='grid-constant', cval=pad_value, prefilter=False,
                              output=np.float32 if order == 1 else block.dtype)
   return out
 
 
-def _mean_pool(block: np.ndarray, pool) -> np.ndarray:
-  """Mean over non-overlapping pool[0] x pool[1] x pool[2] cells, float32."""
-  z, y, x = block.shape
-  pz, py, px = (int(p) for p in pool)
-  b = block.reshape(z // pz, pz, y // py, py, x // px, px)
-  # Sum the smallest axes first in float32 (exact for int16 sums of a few hundred voxels).
-  out = b.sum(axis=5, dtype=np.float32).sum(axis=3).sum(axis=1)
-  out *= 1.0 / (pz * py * px)
+def _pool_axis(a: np.ndarray, axis: int, p: int, before: int, n: int,
+               pad_value: float) -> np.ndarray:
+  """Means over cells of ``p`` voxels along ``axis``, float32 with ``n`` cells.
+
+  ``a`` starts ``before`` voxels after the first cell's start; voxels of a cell that fall
+  outside ``a`` count as ``pad_value``. Strided slice adds: numpy reductions over a short
+  inner axis of a reshaped array are ~10x slower.
+  """
+  length = a.shape[axis]
+  shape = list(a.shape)
+  shape[axis] = n
+  out = np.zeros(shape, np.float32)
+  count = np.zeros(n, np.float32)  # in-volume voxels per cell
+  for j in range(p):
+    k0 = max(0, -(-(before - j) // p))  # first cell whose j-th voxel is inside a
+    k1 = min(n, (before + length - 1 - j) // p + 1)
+    if k1 <= k0:
+      continue
+    d0 = k0 * p + j - before
+    src = [slice(None)] * a.ndim
+    dst = [slice(None)] * a.ndim
+    src[axis] = slice(d0, d0 + (k1 - k0 - 1) * p + 1, p)
+    dst[axis] = slice(k0, k1)
+    out[tuple(dst)] += a[tuple(src)]
+    count[k0:k1] += 1
+  if pad_value and np.any(count < p):
+    fill = np.float32(pad_value) * (p - count)
+    out += fill.reshape([-1 if d == axis else 1 for d in range(a.ndim)])
+  out *= np.float32(1.0 / p)
   return out
