@@ -58,6 +58,10 @@ class _Shape:
     c = _cfg(model_config)
     sig = _defaults(vit3d.ViT3D.__init__)
     get = lambda k: c.get(k, sig.get(k))  # noqa: E731
+    # train_lib's model.mode="vertebra": 7 crops per example through the
+    # same trunk (cspine_jax/models/vertebra.py).
+    self.mode = c.get('mode', 'region')
+    self.crops = 7 if self.mode == 'vertebra' else 1
     self.input_shape = tuple(c['input_shape'])
     self.patch = tuple(get('patch_size'))
     self.grid = tuple(n // p for n, p in zip(self.input_shape, self.patch))
@@ -91,6 +95,8 @@ class _Shape:
 def analytic_param_count(model_config) -> int:
   """Closed-form number of parameters of `ViT3D(**model_config)`."""
   s = _Shape(model_config)
+  if s.mode != 'region':
+    raise NotImplementedError('closed-form parameters: region mode only')
   d, i, m = s.d, s.i, s.m
   total = s.patch_dim * d + d
   if s.patch_norm:
@@ -118,10 +124,12 @@ def analytic_forward_flops(model_config, batch_size: int) -> dict[str, float]:
   """Matmul flops (2 per multiply-add) of one forward pass, by part.
 
   Deformable layers add their sampling as 2 flops per weighted corner
-  (8 corners); it is gather work, not matmul work, on real hardware.
+  (8 corners); it is gather work, not matmul work, on real hardware. With
+  `mode="vertebra"` each example is 7 crops through the trunk (the
+  per-vertebra head is counted like the ViT head, a negligible difference).
   """
   s = _Shape(model_config)
-  b, t, d, i, m = batch_size, s.t, s.d, s.i, s.m
+  b, t, d, i, m = batch_size * s.crops, s.t, s.d, s.i, s.m
   parts = {'patch_embed': 2.0 * b * s.n * s.patch_dim * d,
            'attention': 0.0, 'mlp': 0.0, 'deformable_sampling': 0.0}
   for kind in s.kinds:
@@ -184,6 +192,8 @@ def train_step_flops(config) -> dict[str, float]:
   Nothing is allocated: parameters and inputs are abstract.
   """
   model_cfg = _cfg(config.model)
+  if model_cfg.pop('mode', 'region') != 'region':
+    raise NotImplementedError('train_step_flops builds the region ViT only')
   model_cfg['scan_layers'] = False  # XLA counts a scanned body once
   batch = int(config.batch_size)
   channels = model_cfg.get('in_channels', 1)

@@ -37,6 +37,8 @@ def test_analytic_forward_by_hand():
   assert f['attention'] == 2 * (2 * b * t * d * 3 * d + 2 * b * t * t * d * 2
                                 + 2 * b * t * d * d)
   assert f['head'] == 2 * b * d * 8
+  c.model.mode = 'vertebra'  # train_lib's per-vertebra mode: 7 crops each
+  assert flops.analytic_forward_flops(c.model, 2)['total'] == 7 * f['total']
 
 
 def test_train_step_matches_xla_within_tolerance():
