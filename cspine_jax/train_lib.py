@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from cspine_jax import losses
+from cspine_jax.models import cnn3d
+from cspine_jax.models import vertebra
 from cspine_jax.models import vit3d
 
 
@@ -30,7 +32,25 @@ class TrainState:
 
 
 def build_model(config, seed: int) -> nnx.Module:
-  return vit3d.build_model(config.model, nnx.Rngs(params=seed))
+  """The model of ``config.model``; ``model.mode`` 'region' (one crop per study, the seed's
+  design) or 'vertebra' (one crop per vertebra through a shared backbone)."""
+  cfg = config.model.to_dict() if hasattr(config.model, 'to_dict') else dict(config.model)
+  mode = cfg.pop('mode', 'region')
+  rngs = nnx.Rngs(params=seed)
+
+  def backbone(cfg):
+    if cfg.get('name', 'vit3d') == 'cnn3d':
+      cfg.pop('name')
+      return cnn3d.CNN3D(**cfg, rngs=rngs)
+    return vit3d.build_model(cfg, rngs)
+
+  if mode == 'region':
+    return backbone(cfg)
+  if mode == 'vertebra':
+    patient_head = cfg.get('patient_head', 'noisy_or')
+    cfg['patient_head'] = 'logit'  # the backbone's own head is unused in this mode
+    return vertebra.VertebraClassifier(backbone(cfg), patient_head=patient_head, rngs=rngs)
+  raise ValueError(f'config.model.mode={mode!r}: expected "region" or "vertebra"')
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -96,7 +116,8 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
   use_distill = bool(distill and distill.get('teacher_workdir'))
 
   def compute_loss(params, rest, micro, key, teacher_params):
-    model = nnx.merge(graphdef, params, rest)
+    # copy=True: fresh Variables at this trace level, so batch statistics can be updated here.
+    model = nnx.merge(graphdef, params, rest, copy=True)
     out = model.outputs(micro['image'], deterministic=False, rng=key)
     mask = _loss_mask(micro)
     labels = micro['labels']
