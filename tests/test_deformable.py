@@ -182,7 +182,7 @@ def test_gradients_reach_offset_network():
   def loss(p):
     return jnp.sum(nnx.merge(graphdef, p)(x, key=None, deterministic=True) ** 2)
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   for path in (('offset_conv', 'kernel'), ('offset_proj', 'kernel'),
                ('rpe_table',)):
     g = grads

@@ -134,15 +134,16 @@ def test_determinism_and_rng_handling():
     a(x, deterministic=False)
 
 
-def test_scan_matches_unrolled_with_dropout_and_deformable_layers():
-  # Segments: full x1, deformable x2 (scanned over 2 layers).
-  cfg = dict(TINY, depth=3, dropout=0.1, drop_path=0.3, **DEFORM)
-  cfg['deformable_layers'] = (1, 2)
+def _plain_and_scanned(cfg):
   plain = _with_random_head(build_model(cfg, 0))
   scanned = build_model(dict(cfg, scan_layers=True, remat=True), 3)
-  assert [int(seg.norm1.scale.shape[0]) for seg in scanned.encoder.segments
-          ] == [1, 2]
   nnx.update(scanned, nnx.state(plain))
+  return plain, scanned
+
+
+def test_scan_and_remat_match_unrolled_loss_and_gradients():
+  cfg = dict(TINY, dropout=0.1, drop_path=0.3)
+  plain, scanned = _plain_and_scanned(cfg)
   x, key = _x(), jax.random.key(4)
   # Training mode: the same per-layer keys give the same dropout masks.
   loss_plain, g_plain = _loss_and_grads(plain, x, key)
@@ -153,6 +154,19 @@ def test_scan_matches_unrolled_with_dropout_and_deformable_layers():
   scale = max(np.abs(u).max() for u in jax.tree.leaves(g_plain))
   for u, v in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_scan)):
     np.testing.assert_allclose(v, u, rtol=1e-4, atol=2e-6 * scale)
+
+
+def test_scan_matches_unrolled_with_deformable_segments():
+  # Segments: full x1, deformable x2 (scanned over 2 layers).
+  cfg = dict(TINY, dropout=0.1, drop_path=0.3, **DEFORM)
+  cfg['deformable_layers'] = (1, 2)
+  plain, scanned = _plain_and_scanned(cfg)
+  assert [int(seg.norm1.scale.shape[0]) for seg in scanned.encoder.segments
+          ] == [1, 2]
+  x, key = _x(), jax.random.key(4)
+  np.testing.assert_allclose(
+      _outputs(scanned, x, key, deterministic=False)['logits'],
+      _outputs(plain, x, key, deterministic=False)['logits'], atol=1e-5)
 
 
 def test_learned_code_fixes_grid_but_sincos_does_not():
