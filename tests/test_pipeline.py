@@ -201,3 +201,14 @@ def test_resolve_fills_defaults_and_aliases():
   assert c.augment.rotate_deg == 3.0 and c.augment.scale == 0.1  # merged, not replaced
   assert tuple(c.input_shape) == (32, 32, 32) and c.num_threads == 4
   assert data_config.resolve(c).to_dict() == c.to_dict()  # idempotent
+
+
+def test_segmentation_field_in_batches(root):
+  cfg = _cfg(root, with_segmentation=True, eval_batch_size=4)
+  truth = {s.uid: s.has_segmentation for s in manifest.load_manifest(root)}
+  it, _ = pipeline.make_eval_iterator(cfg, 'labelled', process_index=0, process_count=1)
+  for b in it:
+    assert b['segmentation'].shape == (4, 8, 12, 12) and b['segmentation'].dtype == np.uint8
+    for uid, m, has, seg in zip(b['uid'], b['mask'], b['has_segmentation'], b['segmentation']):
+      assert has == (m and truth[uid])
+      assert (seg.max() > 0) == has

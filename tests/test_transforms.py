@@ -223,3 +223,19 @@ def test_clipped_pooled_crop_equals_crop_of_explicitly_padded_volume(order):
                           order=order)
   assert (out == -1024).mean() > 0.2 and (out != -1024).mean() > 0.2  # really clipped
   np.testing.assert_allclose(out, ref, atol=1e-2)
+
+
+def test_segmentation_crop_follows_the_image_crop(spine):
+  study, = manifest.load_manifest(spine)
+  cfg = _cfg(root=spine, input_shape=(24, 32, 32), spacing_mm=(3.0, 1.5, 1.5))
+  cfg.augment.enabled = True
+  reader = sources.VolumeReader(spine, cache_bytes=8 << 20)
+  image, seg = transforms.make_region_crop(reader, study, cfg, np.random.default_rng(1),
+                                           with_segmentation=True)
+  assert seg.dtype == np.uint8 and set(np.unique(seg)) <= set(range(8)) and seg.max() == 7
+  # Noise-free phantom: bone (700 HU) exactly where the mask is, up to interpolation at the
+  # edges of each vertebra (discs between them are thinner than an output voxel).
+  inner = np.any([ndi.binary_erosion(seg == v) for v in range(1, 8)], axis=0)
+  outer = ~ndi.binary_dilation(seg > 0, iterations=1)
+  assert inner.sum() > 50 and np.all(np.abs(image[inner] - 700) < 1)
+  assert np.all(image[outer] < 250)  # soft tissue or air, a little partial volume at most

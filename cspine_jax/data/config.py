@@ -16,8 +16,14 @@ from absl import logging
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """Returns the default data config (small enough to train on CPU)."""
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the default data config (small enough to train on CPU).
+
+  ``arg='experiment'`` (``--config=cspine_jax/data/config.py:experiment``) wraps it as
+  ``{"data": ...}``, a stand-in experiment config for tools such as the benchmark.
+  """
+  if arg == 'experiment':
+    return ml_collections.ConfigDict({'data': get_config()})
   c = ml_collections.ConfigDict()
 
   # --- Dataset and splits -------------------------------------------------------------------
@@ -46,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.canonical_orientation = True  # Resample into (inferior, posterior, left) axes via `direction`.
   c.antialias = True  # Box-filter by the integer part of the downsampling factor before interp.
   c.pad_hu = -1024.0  # Value outside the scanned volume (air).
+  # Region mode: also crop the label mask (true, else predicted; nearest neighbour) through the
+  # same map as "segmentation" (z, y, x) uint8, for localizer / segmentation training.
+  c.with_segmentation = False
   # Per-vertebra crops (crop_mode='vertebrae' and make_vertebra_crops):
   c.vertebra_shape = (32, 64, 64)
   c.vertebra_spacing_mm = (1.0, 1.0, 1.0)

@@ -40,6 +40,14 @@ class Study:
     return self.vertebra_boxes or self.predicted_vertebra_boxes
 
   @property
+  def segmentation_kind(self) -> str | None:
+    """Folder of the mask to crop: the true one, else the localizer's (which exists when it
+    wrote predicted boxes), else None."""
+    if self.has_segmentation:
+      return 'segmentations'
+    return 'predicted_segmentations' if self.predicted_vertebra_boxes else None
+
+  @property
   def box_source(self) -> str:
     if self.vertebra_boxes:
       return 'true'

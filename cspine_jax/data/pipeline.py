@@ -124,7 +124,10 @@ def _studies(cfg, which: str, uids: Sequence[str] | None = None):
 
 
 def make_reader(cfg) -> sources.VolumeReader:
-  return sources.VolumeReader(cfg.root, cache_bytes=int(cfg.cache_mb) << 20)
+  """One reader per pipeline; TensorStore's decode threads capped at num_threads so that the
+  pipeline uses the cores it is given, not every core of the host."""
+  return sources.VolumeReader(cfg.root, cache_bytes=int(cfg.cache_mb) << 20,
+                              concurrency=int(cfg.num_threads) or None)
 
 
 def train_elements(config, process_index: int, process_count: int, *, studies=None,

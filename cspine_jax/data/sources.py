@@ -30,10 +30,12 @@ class VolumeReader:
   with the number of studies.
   """
 
-  def __init__(self, root: str, cache_bytes: int = 256 << 20, max_open: int = 64):
+  def __init__(self, root: str, cache_bytes: int = 256 << 20, max_open: int = 64,
+               concurrency: int | None = None):
     self.root = os.fspath(root)
     self.cache_bytes = int(cache_bytes)
     self.max_open = int(max_open)
+    self.concurrency = concurrency  # TensorStore decode/IO threads (None: its default, all cores)
     self._reset()
 
   def _reset(self):
@@ -43,7 +45,8 @@ class VolumeReader:
     self._open = collections.OrderedDict()
 
   def __getstate__(self):
-    return {'root': self.root, 'cache_bytes': self.cache_bytes, 'max_open': self.max_open}
+    return {'root': self.root, 'cache_bytes': self.cache_bytes, 'max_open': self.max_open,
+            'concurrency': self.concurrency}
 
   def __setstate__(self, state):
     self.__dict__.update(state)
@@ -61,7 +64,7 @@ class VolumeReader:
         self._open.move_to_end(key)
         return self._open[key]
       if self._context is None:
-        self._context = volume_store.shared_context(self.cache_bytes)
+        self._context = volume_store.shared_context(self.cache_bytes, self.concurrency)
       context = self._context
     store = volume_store.open_array(os.path.join(self.root, kind, uid), context)
     with self._lock:

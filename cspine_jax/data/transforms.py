@@ -4,7 +4,9 @@ Element flow (dict keys):
 
   source      {"study": Study | None, "mask": bool}
   *Crop       {"image": f32 (z,y,x) HU  [vertebrae: (7,z,y,x)], "labels": f32 (8,),
-               "labelled": bool, "mask": bool, "uid": str  [vertebrae: + "vertebra_mask" (7,)]}
+               "labelled": bool, "mask": bool, "uid": str  [vertebrae: + "vertebra_mask" (7,)]
+               [region with data.with_segmentation: + "segmentation" u8 (z,y,x) labels 0..7,
+               "has_segmentation" bool]}
   Intensity   same, HU jittered (training only)
   HUWindows   "image" -> f32 (..., C) in [0, 1], one channel per (center, width) window
 
@@ -83,12 +85,25 @@ def vertebra_crop_maps(study, cfg, augments=None):
   return maps
 
 
-def make_region_crop(reader: sources.VolumeReader, study, cfg, rng=None) -> np.ndarray:
-  """One (z, y, x) float32 HU crop of the cervical region; augmented when ``rng`` is given."""
+def make_region_crop(reader: sources.VolumeReader, study, cfg, rng=None,
+                     with_segmentation: bool = False):
+  """One (z, y, x) float32 HU crop of the cervical region; augmented when ``rng`` is given.
+
+  With ``with_segmentation``, returns (image, segmentation): the label mask (uint8, 0..7)
+  through the same map with nearest-neighbour sampling, from the true mask where one exists,
+  else the localizer's; all zeros when the study has neither.
+  """
   aug = _augment(cfg, rng) if _augment_on(cfg, rng) else geometry.Augment()
   cmap, _ = region_crop_map(study, cfg, aug)
-  return geometry.resample(reader.reader_for(sources.VOLUMES, study.uid), study.shape, cmap,
-                           cfg.pad_hu)
+  image = geometry.resample(reader.reader_for(sources.VOLUMES, study.uid), study.shape, cmap,
+                            cfg.pad_hu)
+  if not with_segmentation:
+    return image
+  kind = study.segmentation_kind
+  if kind is None:
+    return image, np.zeros(cmap.shape, np.uint8)
+  seg = geometry.resample(reader.reader_for(kind, study.uid), study.shape, cmap, 0, order=0)
+  return image, seg
 
 
 def make_vertebra_crops(reader: sources.VolumeReader, study, cfg, rng=None):
@@ -136,6 +151,15 @@ class _Crop:
       else:
         out['image'], out['vertebra_mask'] = make_vertebra_crops(self._reader, study, self._cfg,
                                                                  rng)
+    elif self._cfg.with_segmentation:
+      shape = tuple(self._cfg.input_shape)
+      if study is None:
+        out['image'], out['segmentation'] = np.zeros(shape, np.float32), np.zeros(shape, np.uint8)
+      else:
+        out['image'], out['segmentation'] = make_region_crop(self._reader, study, self._cfg, rng,
+                                                             with_segmentation=True)
+      out['has_segmentation'] = np.bool_(study is not None and
+                                         study.segmentation_kind is not None)
     elif study is None:
       out['image'] = np.zeros(tuple(self._cfg.input_shape), np.float32)
     else:
