@@ -138,6 +138,8 @@ class _Crop:
     self._vertebrae = cfg.crop_mode == 'vertebrae'
     if cfg.crop_mode not in ('region', 'vertebrae'):
       raise ValueError(f'crop_mode={cfg.crop_mode!r}')
+    if cfg.fallback != 'center':
+      raise ValueError(f'fallback={cfg.fallback!r}: only "center" exists (see data/config.py)')
 
   def _apply(self, element, rng):
     study = element['study']
