@@ -201,7 +201,7 @@ def _pool_axis(a: np.ndarray, axis: int, p: int, before: int, n: int,
   length = a.shape[axis]
   shape = list(a.shape)
   shape[axis] = n
-  out = np.zeros(shape, np.float32)
+  parts = []  # (cells k0:k1, strided view of a) for each offset j within a cell
   count = np.zeros(n, np.float32)  # in-volume voxels per cell
   for j in range(p):
     k0 = max(0, -(-(before - j) // p))  # first cell whose j-th voxel is inside a
@@ -210,11 +210,20 @@ def _pool_axis(a: np.ndarray, axis: int, p: int, before: int, n: int,
       continue
     d0 = k0 * p + j - before
     src = [slice(None)] * a.ndim
-    dst = [slice(None)] * a.ndim
     src[axis] = slice(d0, d0 + (k1 - k0 - 1) * p + 1, p)
-    dst[axis] = slice(k0, k1)
-    out[tuple(dst)] += a[tuple(src)]
+    parts.append((k0, k1, a[tuple(src)]))
     count[k0:k1] += 1
+  if len(parts) >= 2 and all(k0 == 0 and k1 == n for k0, k1, _ in parts):
+    # Common case (block inside the volume): one fused cast-and-add pass per view.
+    out = np.add(parts[0][2], parts[1][2], dtype=np.float32)
+    for _, _, view in parts[2:]:
+      out += view
+  else:
+    out = np.zeros(shape, np.float32)
+    for k0, k1, view in parts:
+      dst = [slice(None)] * a.ndim
+      dst[axis] = slice(k0, k1)
+      out[tuple(dst)] += view
   if pad_value and np.any(count < p):
     fill = np.float32(pad_value) * (p - count)
     out += fill.reshape([-1 if d == axis else 1 for d in range(a.ndim)])
