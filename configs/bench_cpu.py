@@ -17,7 +17,7 @@ from configs import common
 def get_config():
   config = common.get_config()
   config.data.input_shape = (96, 128, 128)
-  config.data.channels = [common.BONE_WINDOW]
+  config.data.windows = (common.BONE_WINDOW,)
   config.batch_size = 2
   config.total_steps = 20
   config.log_every_steps = 5

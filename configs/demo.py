@@ -12,27 +12,7 @@ from configs import common
 
 
 def get_config():
-  config = common.get_config()
-  d = config.data
-  d.crop_mode = 'vertebrae'
-  d.vertebra_shape = (16, 24, 24)
-  d.vertebra_spacing_mm = (2.0, 2.0, 2.0)
-  d.input_shape = (16, 24, 24)
-  d.require_segmentation = True
-  d.num_folds = 5
-  d.fold = -1  # train on every labelled study; evaluate on a separate held-out set
-  d.num_threads = 2
-  d.prefetch = 2
-  d.cache_mb = 128
-  config.batch_size = 8
-  config.total_steps = 400
-  config.log_every_steps = 20
-  config.eval_every_steps = 0
-  config.checkpoint_every_steps = 200
-  config.loss = 'rsna_weighted'
-  config.optimizer.lr = 1e-3
-  config.optimizer.warmup_steps = 40
-  config.optimizer.weight_decay = 0.05
+  config = common.per_vertebra(common.get_config())
   m = config.model
   m.mode = 'vertebra'
   m.patient_head = 'noisy_or'

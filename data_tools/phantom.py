@@ -23,7 +23,7 @@ HU_DISC = 85
 HU_CANCELLOUS = 260
 HU_CORTICAL = 1100
 HU_ARCH = 750
-HU_FRACTURE = 35  # haematoma/soft tissue filling the fracture gap
+HU_FRACTURE = 20  # haematoma/soft tissue filling the fracture gap
 
 # Body sizes (mm) of C1..C7, T1..T4: height, lateral and AP semi-axes (C1: ring only).
 _LEVELS = (
@@ -142,8 +142,9 @@ def render_slice(phantom: Phantom, z: float, X: np.ndarray, Y: np.ndarray, min_h
                  ) -> tuple[np.ndarray, np.ndarray, dict]:
   """HU (float32), labels (uint8: 1-7 C1-C7, 8+ thoracic) and fracture masks of one slice.
 
-  X, Y: LPS coordinates (mm) of each pixel. ``min_half_mm`` widens fracture lines to at least half
-  a pixel so they stay visible at coarse resolution. Returns fracture masks by vertebra name.
+  X, Y: LPS coordinates (mm) of each pixel. ``min_half_mm`` is the least half-width of a fracture
+  gap: the generator passes 0.85 pixel, so a gap stays ~1.7 pixels wide (visible) at coarse
+  resolution, and keeps its 1.6-2.4 mm width at real resolution. Returns fracture masks by vertebra name.
   """
   hu = np.full(X.shape, HU_AIR, np.float32)
   lab = np.zeros(X.shape, np.uint8)

@@ -146,7 +146,7 @@ def make_study(seed: int, index: int, size: int, split: str = 'train',
                 > (0.5 * fov) ** 2)
   for k in range(n_slices):
     z = z_top - k * dz
-    h, l, frac = phantom_lib.render_slice(ph, z, X, Y, min_half_mm=0.55 * dxy)
+    h, l, frac = phantom_lib.render_slice(ph, z, X, Y, min_half_mm=0.85 * dxy)
     h += rng.normal(0, noise, h.shape).astype(np.float32)
     if pad is not None:
       h[fov_circle] = pad
