@@ -33,10 +33,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fold_seed = 0  # Seeds the tie-breaking of the fold assignment (folds depend on uids only).
   # Keep only studies with a true segmentation (the seed paper's 86-study setting).
   c.require_segmentation = False
+  # Keep only studies with true or predicted vertebra boxes (per-vertebra training after
+  # `python -m data_tools.localize`: every located study, segmented or not).
+  c.require_boxes = False
 
   # --- Crop geometry ------------------------------------------------------------------------
   # 'region': one crop of the cervical spine (union of the C1..C7 boxes) per study.
   # 'vertebrae': seven crops per study, one per vertebra (see vertebra_* below).
+  # 'volume': the whole scanned volume stretched onto input_shape, with the true mask as
+  #   "segmentation" (the localizer's input; configs/localizer.py).
   c.crop_mode = 'region'
   c.input_shape = (64, 96, 96)  # Model input, voxels (z, y, x).
   # Output voxel size (mm). Field of view = input_shape * spacing_mm, centred on the box centre.
@@ -45,8 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # so the whole region is always in view at a per-study spacing.
   c.fit_to_box = False
   c.margin_mm = 10.0  # Context added on each side of the box when fit_to_box.
-  # Studies with no true or predicted boxes: 'center' crops around the volume centre ('fit'
-  # extent fallback_extent_mm). A localizer (predicted_vertebra_boxes) is the real answer.
+  # Studies with no true or predicted boxes: 'center' (the only one) crops around the volume
+  # centre, field of view input_shape * spacing_mm, or fallback_extent_mm when fit_to_box.
+  # Cervical-spine CTs are framed on the neck, so this mostly catches it; the localizer's
+  # predicted_vertebra_boxes are the real answer.
   c.fallback = 'center'
   c.fallback_extent_mm = (140.0, 90.0, 90.0)
   c.canonical_orientation = True  # Resample into (inferior, posterior, left) axes via `direction`.
@@ -84,7 +91,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_threads = 4  # Reader threads per process (TensorStore and scipy release the GIL).
   c.num_workers = 0  # >0: Grain `mp_prefetch` spawn workers, each with num_threads threads.
   c.prefetch = 2  # Local batches buffered ahead (per worker with num_workers > 0).
-  c.cache_mb = 256  # TensorStore chunk cache per process (shared by all threads).
+  # TensorStore decoded-chunk cache per process (all threads). It pays off where crops overlap
+  # (the seven vertebra crops of a study); random training over thousands of studies rarely
+  # hits it, so it need not be large. Peak RSS ~ imports (~200 MB) + cache + num_threads x one
+  # crop's working set (int16 block + pooled copy) + prefetch x local batch: no term grows with
+  # the number of studies.
+  c.cache_mb = 256
   return c
 
 
