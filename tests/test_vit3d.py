@@ -260,5 +260,5 @@ def test_configs_build(name, params):
   model = nnx.eval_shape(lambda: build_model(config.model, 0))
   assert flops.param_count(model) == params
   assert flops.analytic_param_count(config.model) == params
-  assert config.model.in_channels == len(config.data.channels)
+  assert config.model.in_channels == len(config.data.windows)
   assert tuple(config.model.input_shape) == tuple(config.data.input_shape)
