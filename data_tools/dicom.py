@@ -19,6 +19,8 @@ The policy for bad input (each raises ``StudyError`` naming the file, or adds a 
 | HU outside int16, or non-integer rescale         | values clipped / rounded, warning            |
 
 Nothing from patient or institution tags is ever read into the result, messages or warnings.
+Pixels are decoded one slice at a time straight from each file (pydicom with pylibjpeg/GDCM;
+JPEG Lossless through imagecodecs' libljpeg, ~4x faster, bit-identical, pydicom as fallback).
 Slices are ordered by ImagePositionPatient projected on the slice normal (the cross product of
 the ImageOrientationPatient vectors), never by file name or InstanceNumber, and the volume is
 returned with z index 0 the most superior slice.
@@ -247,13 +249,48 @@ def read_series(folder: str) -> Series:
       study_uid_tag=str(study_uid) if study_uid else None)
 
 
+_JPEG_LOSSLESS = ('1.2.840.10008.1.2.4.57', '1.2.840.10008.1.2.4.70')
+
+
 def _decode(s: _Slice) -> np.ndarray:
   """The slice's stored values (PixelRepresentation applied), read straight from its file."""
+  syntax = str(s.ds.file_meta.get('TransferSyntaxUID', ''))
+  if syntax in _JPEG_LOSSLESS:
+    fast = _decode_jpeg_lossless(s)
+    if fast is not None:
+      return fast
   try:
     return pixel_array(s.path)
   except Exception as e:  # pylint: disable=broad-except
     raise StudyError(f'{s.name}: pixel data cannot be decoded, truncated or corrupt '
                      f'({type(e).__name__}: {e})') from None
+
+
+def _decode_jpeg_lossless(s: _Slice) -> np.ndarray | None:
+  """JPEG Lossless through imagecodecs' libljpeg: ~4x faster than pydicom's plugins on these
+  slices (most of the real data). Returns None (pydicom then decodes, or names the error) for
+  anything unusual: several frames or samples, an unexpected shape, a decoder error."""
+  try:
+    import imagecodecs  # pylint: disable=g-import-not-at-top
+    from pydicom.encaps import generate_frames  # pylint: disable=g-import-not-at-top
+    ds = s.ds
+    if int(ds.get('SamplesPerPixel', 1)) != 1 or int(ds.get('NumberOfFrames', 1) or 1) != 1:
+      return None
+    full = pydicom.dcmread(s.path)
+    frame = next(generate_frames(full.PixelData, number_of_frames=1))
+    raw = imagecodecs.ljpeg_decode(frame)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if raw.shape != (int(ds.Rows), int(ds.Columns)) or raw.dtype.itemsize != 2:
+    return None
+  # As pydicom does: bits above BitsStored are not part of the value; signed values are
+  # sign-extended from BitsStored.
+  bits = int(ds.get('BitsStored', 16))
+  raw = raw.view(np.uint16)
+  if int(ds.get('PixelRepresentation', 0)) == 1:
+    shift = np.int16(16 - bits)
+    return (raw.view(np.int16) << shift) >> shift
+  return raw & np.uint16((1 << bits) - 1)
 
 
 def _drop_duplicates(slices: list[_Slice], normal, warnings) -> list[_Slice]:

@@ -251,3 +251,21 @@ def test_manifest_record_fields(converted):
               'vertebra_boxes', 'fracture_boxes'):
     assert key in rec
   assert len(rec['labels']) == len(constants.TARGETS)
+
+
+@pytest.mark.parametrize('storage', sorted(synthetic.STORAGES))
+def test_fast_jpeg_lossless_decoder_equals_pydicom(tmp_path, storage):
+  """imagecodecs' libljpeg path must give exactly pydicom's stored values, sign included."""
+  from data_tools import dicom
+  study = synthetic.make_study(5, 0, 32, storage=storage,
+                               transfer_syntax=synthetic.JPEG_LOSSLESS)
+  synthetic.write_study(study, str(tmp_path), 'train', None)
+  folder = tmp_path / 'train_images' / study.uid
+  for name in sorted(os.listdir(folder))[:3]:
+    path = str(folder / name)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    fast = dicom._decode_jpeg_lossless(dicom._Slice(name, path, ds, None, None))
+    assert fast is not None
+    ref = pydicom.dcmread(path).pixel_array
+    assert fast.dtype == ref.dtype
+    np.testing.assert_array_equal(fast, ref)
