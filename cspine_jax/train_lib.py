@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from cspine_jax import losses
+from cspine_jax.models import cnn25d
 from cspine_jax.models import cnn3d
 from cspine_jax.models import vertebra
 from cspine_jax.models import vit3d
@@ -42,6 +43,9 @@ def build_model(config, seed: int) -> nnx.Module:
     if cfg.get('name', 'vit3d') == 'cnn3d':
       cfg.pop('name')
       return cnn3d.CNN3D(**cfg, rngs=rngs)
+    if cfg.get('name') == 'cnn25d_lstm':  # 2.5D CNN + bidirectional GRU over slices
+      cfg.pop('name')
+      return cnn25d.CNN25D(**cfg, rngs=rngs)
     return vit3d.build_model(cfg, rngs)
 
   if mode == 'region':
