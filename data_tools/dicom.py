@@ -262,8 +262,21 @@ def _decode(s: _Slice) -> np.ndarray:
   try:
     return pixel_array(s.path)
   except Exception as e:  # pylint: disable=broad-except
-    raise StudyError(f'{s.name}: pixel data cannot be decoded, truncated or corrupt '
-                     f'({type(e).__name__}: {e})') from None
+    first = e
+  try:
+    # A file without preamble and file meta: pydicom read it with a guessed encoding.
+    full = pydicom.dcmread(s.path, force=True)
+    if 'TransferSyntaxUID' not in full.file_meta:
+      implicit, little = full.original_encoding
+      if not little:
+        raise ValueError('big endian without file meta')
+      full.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit
+                                          else pydicom.uid.ExplicitVRLittleEndian)
+      return full.pixel_array
+  except Exception:  # pylint: disable=broad-except
+    pass
+  raise StudyError(f'{s.name}: pixel data cannot be decoded, truncated or corrupt '
+                   f'({type(first).__name__}: {first})')
 
 
 def _decode_jpeg_lossless(s: _Slice) -> np.ndarray | None:

@@ -269,3 +269,20 @@ def test_fast_jpeg_lossless_decoder_equals_pydicom(tmp_path, storage):
     ref = pydicom.dcmread(path).pixel_array
     assert fast.dtype == ref.dtype
     np.testing.assert_array_equal(fast, ref)
+
+
+def test_files_without_preamble_or_file_meta(tmp_path):
+  """Old exports: no 128-byte preamble, no file meta; the encoding is inferred."""
+  from data_tools import dicom
+  study = synthetic.make_study(9, 0, 32, transfer_syntax=synthetic.IMPLICIT_VR_LE)
+  synthetic.write_study(study, str(tmp_path), 'train', None)
+  folder = tmp_path / 'train_images' / study.uid
+  for name in os.listdir(folder):
+    ds = pydicom.dcmread(str(folder / name))
+    ds.preamble = None
+    del ds.file_meta
+    ds.save_as(str(folder / name), implicit_vr=True, little_endian=True,
+               enforce_file_format=False)
+  assert open(folder / name, 'rb').read(4) != b'\0\0\0\0'  # really no preamble
+  series = dicom.read_series(str(folder))
+  np.testing.assert_array_equal(series.hu, study.hu)
