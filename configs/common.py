@@ -149,8 +149,8 @@ def per_vertebra(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   """Per-vertebra crops and a short CPU schedule (configs/demo.py, configs/cnn_vertebra.py).
 
   Seven 16 x 24 x 24 crops at 2 mm (32 x 48 x 48 mm: a vertebra and its neighbours' edges), one
-  per vertebra from the masks, so training uses the studies that have masks until a localizer
-  predicts them for the rest. Plain BCE, AdamW 1e-3 with warm-up and cosine decay.
+  per vertebra from the true boxes (masks) or the localizer's predicted ones: training uses every
+  labelled study that has either (``data.require_boxes``). Plain BCE, AdamW 1e-3 with warm-up and cosine decay.
   """
   d = config.data
   d.crop_mode = 'vertebrae'
@@ -163,7 +163,9 @@ def per_vertebra(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   d.augment.jitter_mm = (2.0, 2.0, 2.0)
   d.augment.rotate_deg = 5.0
   d.input_shape = (16, 24, 24)
-  d.require_segmentation = True
+  # Every labelled study with vertebra boxes: true ones from a mask, else the localizer's
+  # (`python -m data_tools.localize`); without a localizer run that is the segmented studies.
+  d.require_boxes = True
   d.fold = -1  # train on every labelled study; evaluate on a separate held-out set
   d.num_threads = 2
   d.prefetch = 2

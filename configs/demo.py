@@ -3,9 +3,10 @@ r"""Demo: a model that learns the synthetic fractures in a few CPU minutes (READ
   python -m cspine_jax.demo --workdir=demo_out          # generates, converts, trains, evaluates
   python -m cspine_jax.train --config=configs/demo.py --workdir=W --config.data.root=CONVERTED
 
-Per-vertebra mode: seven 16x24x24 crops at 2 mm (one per vertebra, from the masks) through a small
-3D ViT with 4 mm patches, vertebra logits combined by noisy-OR into patient_overall. Trained on the
-studies that have vertebra masks (a localizer removes that limit). Expect the held-out RSNA score
+Per-vertebra mode: seven 16x24x24 crops at 2 mm (one per vertebra, from the true masks, else the
+localizer's predicted boxes) through a small 3D ViT with 4 mm patches, vertebra logits combined by
+noisy-OR into patient_overall. Trained on every labelled study with true or predicted boxes (the
+demo runs configs/localizer.py and data_tools.localize first). Expect the held-out RSNA score
 well below the constant-prevalence baseline (numbers in the README).
 """
 from configs import common

@@ -123,3 +123,28 @@ def distillation_loss(logits_cls: jax.Array, logits_dist: jax.Array,
     distill = fn(logits_dist, targets, mask, weight_labels=labels)
   total = (1.0 - alpha) * task + alpha * distill
   return total, {'task': task, 'distill': distill}
+
+
+def segmentation_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None, *,
+                      dice_weight: float = 1.0, smooth: float = 1.0
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The localizer's loss: softmax cross-entropy over the K classes + soft Dice (1 - mean Dice).
+
+  logits (B, Z, Y, X, K), labels (B, Z, Y, X) ints in [0, K). Cross-entropy is the voxel mean
+  (it learns "bone vs air" fast); the soft Dice is per example and per foreground class
+  (classes 1..K-1, i.e. C1..C7), which weighs a small vertebra as much as a large one and as
+  much as the (huge) background, so the rare boundary voxels matter. ``smooth`` keeps a class
+  that is absent in both prediction and truth at Dice 1. Examples with mask 0 (padding, no
+  mask) do not count. Returns (loss, {"ce", "dice"}).
+  """
+  z = logits.astype(jnp.float32)
+  k = z.shape[-1]
+  onehot = jax.nn.one_hot(labels.astype(jnp.int32), k, dtype=jnp.float32)
+  ce = -(onehot * jax.nn.log_softmax(z)).sum(-1)  # (B, Z, Y, X)
+  ce = ce.reshape(ce.shape[0], -1).mean(-1)
+  p = jax.nn.softmax(z).reshape(z.shape[0], -1, k)[..., 1:]
+  y = onehot.reshape(z.shape[0], -1, k)[..., 1:]
+  dice = (2.0 * (p * y).sum(1) + smooth) / (p.sum(1) + y.sum(1) + smooth)  # (B, K-1)
+  dice_loss = 1.0 - dice.mean(-1)
+  ce, dice_loss = _masked_mean(ce, mask), _masked_mean(dice_loss, mask)
+  return ce + dice_weight * dice_loss, {'ce': ce, 'dice': 1.0 - dice_loss}

@@ -18,6 +18,7 @@ import optax
 from cspine_jax import losses
 from cspine_jax.models import cnn25d
 from cspine_jax.models import cnn3d
+from cspine_jax.models import segmenter
 from cspine_jax.models import vertebra
 from cspine_jax.models import vit3d
 
@@ -34,9 +35,11 @@ class TrainState:
 
 def build_model(config, seed: int) -> nnx.Module:
   """The model of ``config.model``; ``model.mode`` 'region' (one crop per study, the seed's
-  design) or 'vertebra' (one crop per vertebra through a shared backbone)."""
+  design), 'vertebra' (one crop per vertebra through a shared backbone) or 'segment' (the
+  localizer: per-voxel C1-C7 logits, cspine_jax/models/segmenter.py)."""
   cfg = config.model.to_dict() if hasattr(config.model, 'to_dict') else dict(config.model)
   mode = cfg.pop('mode', 'region')
+  seg_kw = {k: cfg.pop(k) for k in ('decoder_features', 'decoder_hidden') if k in cfg}
   rngs = nnx.Rngs(params=seed)
 
   def backbone(cfg):
@@ -54,7 +57,17 @@ def build_model(config, seed: int) -> nnx.Module:
     patient_head = cfg.get('patient_head', 'noisy_or')
     cfg['patient_head'] = 'logit'  # the backbone's own head is unused in this mode
     return vertebra.VertebraClassifier(backbone(cfg), patient_head=patient_head, rngs=rngs)
-  raise ValueError(f'config.model.mode={mode!r}: expected "region" or "vertebra"')
+  if mode == 'segment':
+    if cfg.get('name', 'vit3d') != 'vit3d':
+      raise ValueError('config.model.mode="segment" needs model.name="vit3d"')
+    return segmenter.Segmenter(backbone(cfg), in_channels=int(cfg.get('in_channels', 1)),
+                               **seg_kw, rngs=rngs)
+  raise ValueError(f'config.model.mode={mode!r}: expected "region", "vertebra" or "segment"')
+
+
+def is_segmentation(config) -> bool:
+  """True for the localizer (per-voxel labels), False for the fracture classifiers."""
+  return config.model.get('mode', 'region') == 'segment'
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -113,7 +126,8 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
   same jitted step without gradients.
   """
   tx, schedule = make_optimizer(config)
-  loss_fn = losses.get_loss(config.loss)
+  segment = is_segmentation(config)
+  loss_fn = None if segment else losses.get_loss(config.loss)
   accum = int(config.get('grad_accum_steps', 1))
   ema_decay = float(config.get('ema_decay', 0.0))
   distill = config.get('distill', None)
@@ -126,7 +140,13 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
     mask = _loss_mask(micro)
     labels = micro['labels']
     aux = {}
-    if use_distill:
+    if segment:
+      # Only examples whose study has a true mask carry a per-voxel label.
+      mask = micro['mask'].astype(bool) & micro['has_segmentation'].astype(bool)
+      loss, parts = losses.segmentation_loss(out['logits'], micro['segmentation'], mask,
+                                             dice_weight=float(config.get('dice_weight', 1.0)))
+      aux.update({f'loss_{k}': v for k, v in parts.items()})
+    elif use_distill:
       t_logits = teacher(teacher_params, micro['image'])
       loss, parts = losses.distillation_loss(
           out['logits_cls'] if 'logits_cls' in out else out['logits'],
@@ -187,6 +207,18 @@ def make_predict_fn(graphdef: nnx.GraphDef, use_ema: bool = False
     return jax.nn.sigmoid(model(images, deterministic=True))
 
   return predict
+
+
+def make_segment_fn(graphdef: nnx.GraphDef, use_ema: bool = False
+                    ) -> Callable[[TrainState, jax.Array], jax.Array]:
+  """(state, images) -> (B, Z, Y, X) uint8 labels (argmax over the classes): the localizer."""
+
+  def segment(state: TrainState, images: jax.Array) -> jax.Array:
+    params = state.ema if use_ema and state.ema else state.params
+    model = nnx.merge(graphdef, params, state.rest)
+    return jnp.argmax(model(images, deterministic=True), axis=-1).astype(jnp.uint8)
+
+  return segment
 
 
 def make_logits_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Any, jax.Array], jax.Array]:

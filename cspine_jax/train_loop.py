@@ -50,7 +50,14 @@ def validate_config(config) -> None:
                       'python -m data_tools.convert first)')
   if not 0.0 <= float(config.get('ema_decay', 0.0)) < 1.0:
     raise ConfigError(f'config.ema_decay={config.ema_decay}: must be in [0, 1)')
-  if config.loss not in ('bce', 'rsna_weighted'):
+  if train_lib.is_segmentation(config):
+    if config.loss != 'ce_dice':
+      raise ConfigError(f'config.loss={config.loss!r}: model.mode="segment" trains with '
+                        '"ce_dice" (softmax cross-entropy + soft Dice)')
+    if config.data.get('crop_mode') != 'volume':
+      raise ConfigError(f'config.data.crop_mode={config.data.get("crop_mode")!r}: '
+                        'model.mode="segment" reads whole volumes ("volume")')
+  elif config.loss not in ('bce', 'rsna_weighted'):
     raise ConfigError(f'config.loss={config.loss!r}: expected "bce" or "rsna_weighted"')
 
 
@@ -162,6 +169,41 @@ def evaluate(config, graphdef, state, mesh, split: str = 'eval', uids=None) -> d
   return result
 
 
+def evaluate_segmentation(config, graphdef, state, mesh, split: str = 'eval', uids=None) -> dict:
+  """Segments every study of ``split`` that has a true mask; returns {uids, dice (n, 7)}.
+
+  Dice is computed at the localizer's resolution: the argmax labels against the true mask
+  resampled (nearest) onto the same grid, i.e. exactly what the model was trained to output.
+  """
+  from cspine_jax import seg_metrics  # pylint: disable=g-import-not-at-top
+  segment = jax.jit(train_lib.make_segment_fn(graphdef, use_ema=bool(config.get('ema_decay'))))
+  it, _ = pipeline.make_eval_iterator(config, split, uids=uids)
+  sharding = parallel.batch_sharding(mesh)
+  out_uids, dice = [], []
+  for batch in it:
+    g = pipeline.to_global(batch, sharding)
+    pred = parallel.host_value(segment(state, g['image']))
+    true = parallel.host_value(g['segmentation'])
+    keep = parallel.host_value(g['mask']).astype(bool) & parallel.host_value(
+        g['has_segmentation']).astype(bool)
+    for u, p, t, k in zip(_global_uids(batch['uid'], np.ones(len(pred), bool)), pred, true,
+                          keep):
+      if k:
+        out_uids.append(u)
+        dice.append(seg_metrics.dice_per_class(p, t))
+  close = getattr(it, 'close', None)
+  if close:
+    close()
+  return {'uids': out_uids, 'dice': np.asarray(dice).reshape(-1, 7)}
+
+
+def segmentation_metrics(result: dict) -> dict:
+  from cspine_jax import seg_metrics  # pylint: disable=g-import-not-at-top
+  if not len(result['dice']):
+    return {}
+  return {f'eval_{k}': v for k, v in seg_metrics.summarize(result['dice']).items()}
+
+
 def _global_uids(local_uids, global_mask) -> list[str]:
   """UIDs of the global batch rows (process-local strings gathered across processes)."""
   local = [str(u) for u in np.asarray(local_uids)]
@@ -267,7 +309,10 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
     last = m
     eval_result = None
     if eval_every and (step % eval_every == 0 or step == config.total_steps):
-      eval_result = eval_metrics(evaluate(config, graphdef, state, mesh))
+      if train_lib.is_segmentation(config):
+        eval_result = segmentation_metrics(evaluate_segmentation(config, graphdef, state, mesh))
+      else:
+        eval_result = eval_metrics(evaluate(config, graphdef, state, mesh))
       if eval_result:
         writer.write(step, eval_result)
         logging.info('step %d eval: %s', step, {k: round(v, 4) for k, v in eval_result.items()
@@ -275,9 +320,10 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
         last = {**last, **eval_result}
       last_log_time = time.perf_counter()  # evaluation time is not training throughput
     if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+      # The localizer has no RSNA score: its checkpoints are kept by recency only.
       checkpoint.save(mngr, step, state, train_iter,
                       metrics={checkpoint.BEST_METRIC: eval_result[checkpoint.BEST_METRIC]}
-                      if eval_result else None)
+                      if eval_result and checkpoint.BEST_METRIC in eval_result else None)
   # ------------------------------------------------------------------ done
   if bar:
     bar.close()

@@ -152,12 +152,16 @@ def labels_array(studies: Iterable[Study]) -> np.ndarray:
 
 
 def select(studies: Sequence[Study], which: str, *, fold: int, num_folds: int,
-           fold_seed: int = 0, require_segmentation: bool = False) -> list[Study]:
+           fold_seed: int = 0, require_segmentation: bool = False,
+           require_boxes: bool = False) -> list[Study]:
   """Studies of one split.
 
   which: 'train' (labelled, not in ``fold``), 'eval' (labelled, in ``fold``), 'labelled' (all
   labelled), 'test' (manifest split "test") or 'all'. ``fold=-1`` puts every labelled study in
   'train' and none in 'eval'. Unlabelled studies never enter 'train'/'eval'.
+  ``require_boxes`` keeps, in 'train' and 'eval' only, the studies with true or predicted
+  vertebra boxes (per-vertebra training once the localizer has run: every study it located,
+  not only the segmented ones); the other splits (submissions) keep every study.
   """
   if require_segmentation:
     studies = [s for s in studies if s.has_segmentation]
@@ -170,6 +174,8 @@ def select(studies: Sequence[Study], which: str, *, fold: int, num_folds: int,
     return labelled
   if which not in ('train', 'eval'):
     raise ValueError(f'unknown split {which!r}')
+  if require_boxes:
+    labelled = [s for s in labelled if s.boxes]
   if fold < 0:
     return labelled if which == 'train' else []
   if fold >= num_folds:

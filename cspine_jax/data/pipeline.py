@@ -120,7 +120,8 @@ def _studies(cfg, which: str, uids: Sequence[str] | None = None):
     return chosen
   return manifest_lib.select(studies, which, fold=cfg.fold, num_folds=cfg.num_folds,
                              fold_seed=cfg.fold_seed,
-                             require_segmentation=cfg.require_segmentation)
+                             require_segmentation=cfg.require_segmentation,
+                             require_boxes=cfg.require_boxes)
 
 
 def make_reader(cfg) -> sources.VolumeReader:

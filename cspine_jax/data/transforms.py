@@ -3,6 +3,9 @@
 Element flow (dict keys):
 
   source      {"study": Study | None, "mask": bool}
+  VolumeCrop  (crop_mode='volume', the localizer's input) {"image": f32 (z,y,x) HU of the whole
+               scanned volume stretched onto input_shape, "segmentation": u8 (z,y,x) 0..7 (the
+               true mask, nearest neighbour, zeros without one), "has_segmentation": bool, ...}
   *Crop       {"image": f32 (z,y,x) HU  [vertebrae: (7,z,y,x)], "labels": f32 (8,),
                "labelled": bool, "mask": bool, "uid": str  [vertebrae: + "vertebra_mask" (7,)]
                [region with data.with_segmentation: + "segmentation" u8 (z,y,x) labels 0..7,
@@ -64,6 +67,40 @@ def region_crop_map(study, cfg, augment: geometry.Augment = geometry.Augment()):
     source = cfg.fallback
   cmap = geometry.crop_map(center, a_mm, shape, spacing, augment, cfg.antialias)
   return cmap, source
+
+
+def volume_crop_map(shape, spacing_mm, direction, cfg,
+                    augment: geometry.Augment = geometry.Augment()) -> geometry.CropMap:
+  """``CropMap`` of the whole scanned volume stretched onto ``cfg.input_shape`` (the localizer).
+
+  Per-axis spacing = the volume's extent along each output axis / input_shape, so every scan,
+  whatever its field of view, is seen whole at a fixed shape (the localizer must find the spine
+  anywhere in it). Takes plain geometry (not a Study) so that prediction on a DICOM series in
+  memory uses the very same map.
+  """
+  a_mm = geometry.mm_to_index(spacing_mm, direction, cfg.canonical_orientation)
+  box = (0, 0, 0) + tuple(int(n) for n in shape)
+  out_shape = tuple(cfg.input_shape)
+  spacing = geometry.fit_spacing(box, a_mm, out_shape, 0.0)
+  return geometry.crop_map(geometry.box_center(box), a_mm, out_shape, spacing, augment,
+                           cfg.antialias)
+
+
+def make_volume_crop(reader: sources.VolumeReader, study, cfg, rng=None):
+  """(image f32 HU, segmentation u8) of the whole volume on the localizer's grid.
+
+  The label is the *true* mask only (a localizer never learns from its own predictions);
+  zeros when the study has none (the localizer config keeps only segmented studies).
+  """
+  aug = _augment(cfg, rng) if _augment_on(cfg, rng) else geometry.Augment()
+  cmap = volume_crop_map(study.shape, study.spacing_mm, study.direction, cfg, aug)
+  image = geometry.resample(reader.reader_for(sources.VOLUMES, study.uid), study.shape, cmap,
+                            cfg.pad_hu)
+  if not study.has_segmentation:
+    return image, np.zeros(cmap.shape, np.uint8)
+  seg = geometry.resample(reader.reader_for(sources.SEGMENTATIONS, study.uid), study.shape,
+                          cmap, 0, order=0)
+  return image, seg
 
 
 def vertebra_crop_maps(study, cfg, augments=None):
@@ -136,7 +173,8 @@ class _Crop:
     self._reader = reader
     self._cfg = cfg
     self._vertebrae = cfg.crop_mode == 'vertebrae'
-    if cfg.crop_mode not in ('region', 'vertebrae'):
+    self._volume = cfg.crop_mode == 'volume'
+    if cfg.crop_mode not in ('region', 'vertebrae', 'volume'):
       raise ValueError(f'crop_mode={cfg.crop_mode!r}')
     if cfg.fallback != 'center':
       raise ValueError(f'fallback={cfg.fallback!r}: only "center" exists (see data/config.py)')
@@ -153,6 +191,13 @@ class _Crop:
       else:
         out['image'], out['vertebra_mask'] = make_vertebra_crops(self._reader, study, self._cfg,
                                                                  rng)
+    elif self._volume:
+      shape = tuple(self._cfg.input_shape)
+      if study is None:
+        out['image'], out['segmentation'] = np.zeros(shape, np.float32), np.zeros(shape, np.uint8)
+      else:
+        out['image'], out['segmentation'] = make_volume_crop(self._reader, study, self._cfg, rng)
+      out['has_segmentation'] = np.bool_(study is not None and study.has_segmentation)
     elif self._cfg.with_segmentation:
       shape = tuple(self._cfg.input_shape)
       if study is None:

@@ -1,0 +1,204 @@
+r"""Fracture probabilities for one raw DICOM series: localize the vertebrae, classify each one.
+
+  python -m cspine_jax.predict --classifier=RUNS/demo --localizer=RUNS/localizer \
+      --dicom=/data/rsna/test_images/1.2.826... --output=OUT
+
+Writes
+  OUT/prediction.json  {"probabilities": {"patient_overall": p, "C1": p, ...},
+                        "vertebrae": {"C1": {"box_voxel": [z0, y0, x0, z1, y1, x1],
+                                             "box_lps_mm": [[min L, P, S], [max L, P, S]],
+                                             "center_lps_mm": [...], "probability": p}, ...},
+                        "volume": {shape, spacing_mm, origin, direction, slices},
+                        "checkpoints": {"classifier": step, "localizer": step},
+                        "timings_s": {stage: seconds, ..., "total": s}, "warnings": [...]}
+  OUT/overlay.png      sagittal and coronal views through the spine, vertebrae coloured and
+                       labelled with their probabilities, the patient probability in the title
+
+The DICOM folder is read with the converter's reader (`data_tools.dicom.read_series`: every real-
+data quirk, the same error policy), so a bad folder (not CT, corrupt file, gap in z, ...) fails
+with a message naming the file and a non-zero exit, before anything is written. Outputs are
+written under temporary names and renamed, so OUT never holds a half-written file. No patient or
+institution tag (not even the StudyInstanceUID) reaches the outputs. The vertebra crops are made by
+the training pipeline's code (`transforms.make_vertebra_crops`) from the localizer's boxes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from cspine_jax import constants
+
+FLAGS = flags.FLAGS
+UID = 'study'  # the in-memory volume's key; never the StudyInstanceUID (no identifiers out)
+
+
+def define_flags():
+  flags.DEFINE_string('classifier', None, 'Fracture classifier workdir (e.g. configs/demo.py).')
+  flags.DEFINE_string('localizer', None, 'Localizer workdir (configs/localizer.py).')
+  flags.DEFINE_string('dicom', None, 'Folder of one CT series (.dcm slices).')
+  flags.DEFINE_string('output', None, 'Output folder (prediction.json, overlay.png).')
+  flags.DEFINE_string('classifier_checkpoint', 'latest', 'latest, best or a step.')
+  flags.DEFINE_string('localizer_checkpoint', 'latest', 'latest or a step.')
+  flags.mark_flags_as_required(['classifier', 'localizer', 'dicom', 'output'])
+
+
+class Classifier:
+  """A trained fracture classifier (region or per-vertebra mode) restored from its workdir."""
+
+  def __init__(self, workdir: str, checkpoint: str = 'latest', mesh=None):
+    import jax  # pylint: disable=g-import-not-at-top
+    from cspine_jax import train_lib  # pylint: disable=g-import-not-at-top
+    from cspine_jax import train_loop  # pylint: disable=g-import-not-at-top
+    from cspine_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+    config, graphdef, self.state, self.step = train_loop.load_frozen_model(workdir, checkpoint,
+                                                                           mesh)
+    if train_lib.is_segmentation(config):
+      raise ValueError(f'{workdir}: a localizer, not a fracture classifier')
+    self.cfg = data_config.resolve(config)
+    self.cfg.augment.enabled = False
+    self._predict = jax.jit(train_lib.make_predict_fn(graphdef,
+                                                      use_ema=bool(config.get('ema_decay'))))
+
+  def probabilities(self, reader, study) -> np.ndarray:
+    """(8,) probabilities in TARGETS order from the pipeline's crops of ``study``."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from cspine_jax.data import transforms  # pylint: disable=g-import-not-at-top
+    windows = tuple(tuple(float(v) for v in w) for w in self.cfg.windows)
+    if self.cfg.crop_mode == 'vertebrae':
+      hu, _ = transforms.make_vertebra_crops(reader, study, self.cfg)
+    else:
+      hu = transforms.make_region_crop(reader, study, self.cfg)
+    images = transforms.apply_windows(hu, windows)[None]
+    return np.asarray(jax.device_get(self._predict(self.state, images)))[0]
+
+
+def box_lps(box, voxel_to_lps: np.ndarray) -> tuple[list[list[float]], list[float]]:
+  """Axis-aligned LPS extent ([min], [max], mm) of a voxel box's outer faces, and its centre.
+
+  Voxel indices are voxel centres, so the box's faces are at -0.5 and end - 0.5.
+  """
+  b = np.asarray(box, float)
+  lo, hi = b[:3] - 0.5, b[3:] - 0.5
+  corners = np.array(np.meshgrid(*zip(lo, hi), indexing='ij')).reshape(3, -1).T
+  pts = corners @ voxel_to_lps[:3, :3].T + voxel_to_lps[:3, 3]
+  center = ((lo + hi) / 2.0) @ voxel_to_lps[:3, :3].T + voxel_to_lps[:3, 3]
+  r = lambda v: [round(float(x), 3) for x in v]  # noqa: E731
+  return [r(pts.min(0)), r(pts.max(0))], r(center)
+
+
+def _write_atomic(folder: str, name: str, data: bytes) -> None:
+  fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=folder)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, os.path.join(folder, name))
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def predict(classifier_dir: str, localizer_dir: str, dicom_dir: str,
+            classifier_checkpoint: str = 'latest', localizer_checkpoint: str = 'latest'
+            ) -> tuple[dict, bytes]:
+  """Runs everything in memory; returns (prediction dict, overlay PNG bytes). Writes nothing."""
+  timings = {}
+  t_all = time.perf_counter()
+  t0 = time.perf_counter()
+  from data_tools import dicom  # pylint: disable=g-import-not-at-top
+  series = dicom.read_series(dicom_dir)  # StudyError (naming the file) on bad input
+  timings['read_dicom'] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  from cspine_jax import localize_lib  # pylint: disable=g-import-not-at-top
+  from cspine_jax import overlay  # pylint: disable=g-import-not-at-top
+  from cspine_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh()
+  localizer = localize_lib.Localizer(localizer_dir, localizer_checkpoint, mesh)
+  classifier = Classifier(classifier_dir, classifier_checkpoint, mesh)
+  timings['load_models'] = time.perf_counter() - t0
+
+  reader = localize_lib.ArrayReader({'volumes': {UID: series.hu}})
+  study = localize_lib.study_from_geometry(UID, series.hu.shape, series.spacing,
+                                           series.direction, series.origin)
+  t0 = time.perf_counter()
+  loc = localizer.localize(reader, study)
+  timings['localize'] = time.perf_counter() - t0
+  timings.update({f'localize_{k[:-2]}': v for k, v in loc.timings.items()})
+
+  t0 = time.perf_counter()
+  located = localize_lib.study_from_geometry(UID, series.hu.shape, series.spacing,
+                                             series.direction, series.origin, loc.boxes)
+  probs = classifier.probabilities(reader, located)
+  timings['classify'] = time.perf_counter() - t0
+
+  warnings = list(series.warnings)
+  missing = [v for v in constants.VERTEBRAE if v not in loc.boxes]
+  if missing:
+    warnings.append(f'the localizer found no {", ".join(missing)} (crops of those are empty)')
+  affine = series.voxel_to_lps()
+  vertebrae = {}
+  for i, name in enumerate(constants.VERTEBRAE):
+    if name in loc.boxes:
+      extent, center = box_lps(loc.boxes[name], affine)
+      vertebrae[name] = {'box_voxel': loc.boxes[name], 'box_lps_mm': extent,
+                         'center_lps_mm': center, 'probability': float(probs[i + 1])}
+  t0 = time.perf_counter()
+  png = overlay.render(series.hu, loc.mask, series.spacing,
+                       {name: float(probs[i + 1]) for i, name in enumerate(constants.VERTEBRAE)},
+                       float(probs[0]))
+  timings['overlay'] = time.perf_counter() - t0
+  timings['total'] = time.perf_counter() - t_all
+  result = {
+      'probabilities': {name: float(p) for name, p in zip(constants.TARGETS, probs)},
+      'vertebrae': vertebrae,
+      'volume': {'shape': list(series.hu.shape), 'spacing_mm': list(series.spacing),
+                 'origin': list(series.origin), 'direction': [list(r) for r in series.direction],
+                 'slices': len(series.slice_files), 'frame': 'LPS; voxel (z, y, x)'},
+      'checkpoints': {'classifier': int(classifier.step), 'localizer': int(localizer.step)},
+      'timings_s': {k: round(v, 3) for k, v in timings.items()},
+      'warnings': warnings,
+  }
+  return result, png
+
+
+def write_outputs(output: str, result: dict, png: bytes) -> None:
+  """OUT/prediction.json and OUT/overlay.png, each via a temporary file and a rename."""
+  os.makedirs(output, exist_ok=True)
+  _write_atomic(output, 'overlay.png', png)
+  _write_atomic(output, 'prediction.json', (json.dumps(result, indent=2) + '\n').encode())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from data_tools import dicom  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(FLAGS.dicom):
+    print(f'error: --dicom={FLAGS.dicom} is not a folder', file=sys.stderr)
+    sys.exit(2)
+  try:
+    result, png = predict(FLAGS.classifier, FLAGS.localizer, FLAGS.dicom,
+                          FLAGS.classifier_checkpoint, FLAGS.localizer_checkpoint)
+  except dicom.StudyError as e:
+    print(f'error: {FLAGS.dicom}: {e}', file=sys.stderr)
+    sys.exit(1)
+  except (FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  write_outputs(FLAGS.output, result, png)
+  p = result['probabilities']
+  print(f'patient_overall {p["patient_overall"]:.3f}; ' +
+        ', '.join(f'{v} {p[v]:.3f}' for v in constants.VERTEBRAE))
+  print(f'{result["timings_s"]["total"]:.2f} s -> {FLAGS.output}/prediction.json, '
+        f'{FLAGS.output}/overlay.png')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

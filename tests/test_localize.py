@@ -1,0 +1,179 @@
+"""Two-stage flow: Dice, the volume/segmentation element, a tiny localizer trained end to end
+through data_tools.localize (files, manifest, same grid, resumability) and cspine_jax.predict on
+a raw DICOM folder (JSON keys, PNG), and a bad folder failing cleanly."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cspine_jax import constants
+from cspine_jax import seg_metrics
+from tests.conftest import repo_root
+
+
+def test_dice_hand_values():
+  true = np.array([0, 1, 1, 2, 2, 2, 0, 0])
+  pred = np.array([0, 1, 0, 2, 2, 0, 2, 3])
+  d = seg_metrics.dice_per_class(pred, true, num_classes=4)
+  # C1: 2*1/(1+2); C2: 2*2/(3+3); C3: absent from the truth, predicted once -> 0.
+  np.testing.assert_allclose(d, [2 / 3, 2 / 3, 0.0])
+  d8 = seg_metrics.dice_per_class(pred, true)
+  assert np.isnan(d8[3:]).all()  # C4..C7 absent from both: not scored
+  s = seg_metrics.summarize(np.stack([d8, d8]))
+  assert s['dice_C1'] == pytest.approx(2 / 3) and s['dice_mean'] == pytest.approx(4 / 9)
+  assert np.isnan(s['dice_C5'])
+
+
+def test_segmentation_loss_prefers_the_truth():
+  import jax.numpy as jnp
+  from cspine_jax import losses
+  labels = np.zeros((1, 4, 4, 4), np.int32)
+  labels[0, 1:3, 1:3, 1:3] = 2
+  good = jnp.asarray(np.eye(8)[labels] * 20.0)
+  bad = jnp.asarray(np.eye(8)[np.zeros_like(labels)] * 20.0)
+  g, parts = losses.segmentation_loss(good, labels)
+  b, _ = losses.segmentation_loss(bad, labels)
+  assert float(g) < 1e-3 and float(parts['dice']) == pytest.approx(1.0, abs=1e-3)
+  assert float(b) > 0.1
+  # A masked-out example does not count.
+  both = jnp.concatenate([good, bad])
+  m, _ = losses.segmentation_loss(both, np.concatenate([labels, labels]), np.array([1, 0]))
+  assert float(m) == pytest.approx(float(g), abs=1e-6)
+
+
+def _localizer_config(root):
+  from configs import localizer
+  c = localizer.get_config()
+  c.data.root = root
+  c.data.input_shape = (16, 16, 16)
+  c.data.fold = -1  # train on every segmented study (the fixture has 6)
+  c.batch_size = 2
+  c.total_steps = 2
+  c.log_every_steps = 1
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = 2
+  m = c.model
+  m.width, m.depth, m.num_heads, m.mlp_dim = 32, 1, 2, 64
+  return c
+
+
+def test_volume_mode_gives_whole_volume_and_true_mask(synthetic_converted):
+  from cspine_jax.data import pipeline
+  c = _localizer_config(synthetic_converted[1])
+  c.data.eval_batch_size = 6
+  it, n = pipeline.make_eval_iterator(c, 'train', process_index=0, process_count=1)
+  b = next(it)
+  assert n == 6 and b['image'].shape == (6, 16, 16, 16, 2)
+  assert b['has_segmentation'].all() and b['segmentation'].dtype == np.uint8
+  for seg, img in zip(b['segmentation'], b['image']):
+    assert set(np.unique(seg)) - {0} <= set(range(1, 8)) and seg.max() > 0
+    assert img[..., 0][seg > 0].mean() > img[..., 0][seg == 0].mean()  # labels sit on bone
+
+
+@pytest.fixture(scope='module')
+def two_stage(synthetic_converted, tmp_path_factory):
+  """A tiny localizer and per-vertebra classifier (2 steps each) and a localized copy."""
+  from configs import demo
+  from cspine_jax import train_loop
+  from data_tools import localize
+  raw, converted = synthetic_converted
+  base = tmp_path_factory.mktemp('two_stage')
+  data = str(base / 'converted')
+  shutil.copytree(converted, data)  # localize writes into the dataset: keep the fixture intact
+  loc_dir = str(base / 'localizer')
+  train_loop.train_and_evaluate(_localizer_config(data), loc_dir, progress=False)
+  records = localize.run(loc_dir, data)
+  c = demo.get_config()
+  c.data.root = data
+  c.batch_size = 2
+  c.total_steps = 1
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 1
+  c.optimizer.warmup_steps = 0
+  cls_dir = str(base / 'classifier')
+  train_loop.train_and_evaluate(c, cls_dir, progress=False)
+  return {'raw': raw, 'data': data, 'localizer': loc_dir, 'classifier': cls_dir,
+          'records': records}
+
+
+def test_localize_writes_masks_boxes_and_resumes(two_stage):
+  from cspine_jax.data import manifest
+  from data_tools import localize
+  from data_tools import volume_store
+  data = two_stage['data']
+  records = [json.loads(l) for l in open(os.path.join(data, 'manifest.jsonl'))]
+  assert records == two_stage['records'] and len(records) == 11
+  for r in records:
+    path = os.path.join(data, 'predicted_segmentations', r['uid'])
+    mask = volume_store.read_array(path)
+    assert mask.shape == tuple(r['shape']) and mask.dtype == np.uint8  # the volume's grid
+    assert mask.max() <= 7
+    assert r['localizer']['step'] == 2
+    boxes = r['predicted_vertebra_boxes']
+    assert set(boxes) <= set(constants.VERTEBRAE)
+    for name, box in boxes.items():
+      z0, y0, x0, z1, y1, x1 = box
+      assert (mask[z0:z1, y0:y1, x0:x1] == constants.VERTEBRAE.index(name) + 1).any()
+  # Crops prefer true boxes; studies without masks use the predicted ones.
+  for s in manifest.load_manifest(data):
+    assert s.boxes == (s.vertebra_boxes or s.predicted_vertebra_boxes)
+  # A rerun skips every study (nothing rewritten) and gives the same manifest.
+  stamp = {r['uid']: os.stat(os.path.join(data, 'predicted_segmentations', r['uid'],
+                                          'zarr.json')).st_mtime_ns for r in records}
+  again = localize.run(two_stage['localizer'], data)
+  assert again == records
+  assert stamp == {u: os.stat(os.path.join(data, 'predicted_segmentations', u,
+                                           'zarr.json')).st_mtime_ns for u in stamp}
+  assert not [n for n in os.listdir(os.path.join(data, 'predicted_segmentations'))
+              if n.startswith('.tmp-')]
+
+
+def test_predict_on_a_dicom_folder(two_stage, tmp_path):
+  from cspine_jax import predict
+  folder = os.path.join(two_stage['raw'], 'test_images')
+  study = os.path.join(folder, sorted(os.listdir(folder))[0])
+  result, png = predict.predict(two_stage['classifier'], two_stage['localizer'], study)
+  out = str(tmp_path / 'out')
+  predict.write_outputs(out, result, png)
+  assert sorted(os.listdir(out)) == ['overlay.png', 'prediction.json']
+  saved = json.load(open(os.path.join(out, 'prediction.json')))
+  assert list(saved['probabilities']) == list(constants.TARGETS)
+  assert all(0.0 <= p <= 1.0 for p in saved['probabilities'].values())
+  assert saved['checkpoints'] == {'classifier': 1, 'localizer': 2}
+  assert {'read_dicom', 'load_models', 'localize', 'classify', 'overlay', 'total'} <= set(
+      saved['timings_s'])
+  for name, v in saved['vertebrae'].items():
+    assert name in constants.VERTEBRAE
+    assert len(v['box_voxel']) == 6 and len(v['box_lps_mm']) == 2 and len(v['center_lps_mm']) == 3
+  from PIL import Image
+  img = Image.open(os.path.join(out, 'overlay.png'))
+  assert img.format == 'PNG' and img.width > 100
+  # Nothing from patient tags (the synthetic data's fake names start with these).
+  text = open(os.path.join(out, 'prediction.json')).read()
+  assert os.path.basename(study) not in text
+
+
+def test_predict_bad_folder_fails_clearly_and_writes_nothing(two_stage, tmp_path):
+  import pydicom
+  folder = os.path.join(two_stage['raw'], 'test_images')
+  src = os.path.join(folder, sorted(os.listdir(folder))[0])
+  bad = str(tmp_path / 'mr')
+  shutil.copytree(src, bad)
+  for name in os.listdir(bad):
+    ds = pydicom.dcmread(os.path.join(bad, name))
+    ds.Modality = 'MR'
+    ds.save_as(os.path.join(bad, name))
+  out = str(tmp_path / 'out')
+  env = dict(os.environ, PYTHONPATH=repo_root())
+  proc = subprocess.run([sys.executable, '-m', 'cspine_jax.predict',
+                         f'--classifier={two_stage["classifier"]}',
+                         f'--localizer={two_stage["localizer"]}', f'--dicom={bad}',
+                         f'--output={out}'], capture_output=True, text=True, env=env,
+                        cwd=repo_root(), timeout=120)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert 'modality MR, expected CT' in proc.stderr
+  assert not os.path.exists(out)
