@@ -19,5 +19,6 @@ def get_config():
       'in_channels': 1, 'widths': (16, 32, 64), 'blocks': (1, 1, 1),
       # Stride-2 stem: XLA's CPU 3D convolutions are slow; 8x fewer voxels after the stem.
       'stem_stride': 2, 'norm': 'group', 'dropout': 0.0, 'patient_head': 'noisy_or',
-      'dtype': 'float32'})
+      # Convolutions as shifted views + one matmul: ~1.6x faster steps on CPU (cnn3d.py).
+      'conv_impl': 'im2col', 'dtype': 'float32'})
   return config

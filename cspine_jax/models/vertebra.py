@@ -6,6 +6,11 @@ here), a learned embedding of the vertebra level is added to its feature vector,
 linear layer gives that vertebra's fracture logit. patient_overall is derived from the seven
 ('noisy_or' or 'max', cspine_jax.models.heads) or learned from the pooled features ('logit').
 This is how the top RSNA 2022 solutions classified: locate, crop per vertebra, then combine.
+
+With a DeiT distillation token in the backbone (``backbone.distill_token``), the DIST features get
+their own vertebra head, level bias (and patient head): 'logits_cls' and 'logits_dist' are the
+8 logits from each token, for the two terms of the distillation loss, and 'logits' is their mean
+(DeiT's inference rule). The level embedding is shared: it says which vertebra, not which token.
 """
 from __future__ import annotations
 
@@ -45,6 +50,23 @@ class VertebraClassifier(nnx.Module):
     if patient_head == 'logit':
       self.patient = nnx.Linear(width, 1, kernel_init=nnx.initializers.zeros_init(),
                                 bias_init=lambda *_: jnp.asarray(_logit(rates[:1])), rngs=rngs)
+    self.distill_token = bool(getattr(backbone, 'distill_token', False))
+    if self.distill_token:
+      self.vertebra_head_dist = nnx.Linear(width, 1, kernel_init=nnx.initializers.zeros_init(),
+                                           rngs=rngs)
+      self.level_bias_dist = nnx.Param(jnp.asarray(_logit(rates[1:])))
+      if patient_head == 'logit':
+        self.patient_dist = nnx.Linear(
+            width, 1, kernel_init=nnx.initializers.zeros_init(),
+            bias_init=lambda *_: jnp.asarray(_logit(rates[:1])), rngs=rngs)
+
+  def _combine(self, f: jax.Array, head: nnx.Module, level_bias: jax.Array,
+               patient: nnx.Module | None) -> jax.Array:
+    """(B, 7, width) level-embedded features -> (B, 8) logits in TARGETS order."""
+    vertebra_logits = head(f)[..., 0] + level_bias[None]  # (B, 7)
+    if self.patient_head == 'logit':
+      return jnp.concatenate([patient(f.mean(axis=1)), vertebra_logits], axis=-1)
+    return heads.combine_patient(vertebra_logits, self.patient_head)
 
   def outputs(self, x: jax.Array, *, deterministic: bool = True,
               rng: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -52,15 +74,19 @@ class VertebraClassifier(nnx.Module):
       raise ValueError(f'expected (batch, 7, z, y, x, channels), got {x.shape}')
     b = x.shape[0]
     flat = x.reshape((b * NUM_LEVELS,) + x.shape[2:])
-    f = self.backbone.outputs(flat, deterministic=deterministic, rng=rng)['features']
-    f = f.astype(jnp.float32).reshape(b, NUM_LEVELS, -1) + self.level_embed[...][None]
-    vertebra_logits = self.vertebra_head(f)[..., 0] + self.level_bias[...][None]  # (B, 7)
-    if self.patient_head == 'logit':
-      patient = self.patient(f.mean(axis=1))  # (B, 1)
-      logits = jnp.concatenate([patient, vertebra_logits], axis=-1)
-    else:
-      logits = heads.combine_patient(vertebra_logits, self.patient_head)
-    return {'features': f, 'logits': logits}
+    out = self.backbone.outputs(flat, deterministic=deterministic, rng=rng)
+    embed = lambda v: (v.astype(jnp.float32).reshape(b, NUM_LEVELS, -1)  # noqa: E731
+                       + self.level_embed[...][None])
+    f = embed(out['features'])
+    logits = self._combine(f, self.vertebra_head, self.level_bias[...],
+                           getattr(self, 'patient', None))
+    if not self.distill_token:
+      return {'features': f, 'logits': logits}
+    f_dist = embed(out['features_dist'])
+    logits_dist = self._combine(f_dist, self.vertebra_head_dist, self.level_bias_dist[...],
+                                getattr(self, 'patient_dist', None))
+    return {'features': f, 'features_dist': f_dist, 'logits_cls': logits,
+            'logits_dist': logits_dist, 'logits': 0.5 * (logits + logits_dist)}
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True,
                rng: jax.Array | None = None) -> jax.Array:
