@@ -3,11 +3,12 @@ r"""Demo: a model that learns the synthetic fractures in a few CPU minutes (READ
   python -m cspine_jax.demo --workdir=demo_out          # generates, converts, trains, evaluates
   python -m cspine_jax.train --config=configs/demo.py --workdir=W --config.data.root=CONVERTED
 
-Per-vertebra mode: seven 16x24x24 crops at 2 mm (one per vertebra, from the true masks, else the
-localizer's predicted boxes) through a small 3D ViT with 4 mm patches, vertebra logits combined by
-noisy-OR into patient_overall. Trained on every labelled study with true or predicted boxes (the
-demo runs configs/localizer.py and data_tools.localize first). Expect the held-out RSNA score
-well below the constant-prevalence baseline (numbers in the README).
+Per-vertebra mode: seven 16x24x24 crops (each vertebra's box from the true mask, else the
+localizer's predicted box, plus 3 mm) through a small 3D ViT with 4x4x4-voxel patches, vertebra
+logits combined by noisy-OR into patient_overall, plain BCE, 400 steps of batch 8 (~7 minutes on 2
+CPU cores). Trained on every labelled study with true or predicted boxes. Expect on the demo's
+held-out studies with masks an RSNA score near 0.47 against 0.54 for the constant training
+prevalence, mean AUC ~0.9 (README "Measured").
 """
 from configs import common
 

@@ -28,7 +28,9 @@ def define_flags():
   flags.DEFINE_string('checkpoint', 'latest', 'latest, best (lowest eval RSNA score) or a step.')
   flags.DEFINE_string('output', 'submission.csv', 'Kaggle submission CSV to write.')
   flags.DEFINE_float('threshold', 0.5, 'Patient-level decision threshold for sens./spec.')
-  flags.DEFINE_string('split', 'all', 'Which studies: all, test, labelled, eval, train.')
+  flags.DEFINE_string('split', 'all', 'Which studies: all, test, labelled, eval, train, or '
+                      'labelled_with_boxes (labelled studies with true or predicted vertebra '
+                      'boxes: what a per-vertebra model can crop without a localizer).')
   flags.mark_flags_as_required(['workdir', 'data'])
 
 
@@ -42,7 +44,15 @@ def run(workdir: str, data: str, checkpoint: str, output: str, threshold: float 
   mesh = parallel.make_mesh()
   config, graphdef, state, step = train_loop.load_frozen_model(workdir, checkpoint, mesh)
   config.data.root = os.path.abspath(data)
-  result = train_loop.evaluate(config, graphdef, state, mesh, split=split)
+  uids = None
+  if split == 'labelled_with_boxes':
+    from cspine_jax.data import manifest  # pylint: disable=g-import-not-at-top
+    uids = [s.uid for s in manifest.load_manifest(config.data.root)
+            if s.labels is not None and s.split != 'test' and s.boxes]
+    if not uids:
+      raise ValueError(f'--data={data}: no labelled study with vertebra boxes')
+    split = 'all'
+  result = train_loop.evaluate(config, graphdef, state, mesh, split=split, uids=uids)
   out_dir = os.path.dirname(os.path.abspath(output))
   os.makedirs(out_dir, exist_ok=True)
   metrics_lib.write_submission(output, result['uids'], result['probs'])
