@@ -7,6 +7,7 @@ import os
 import time
 
 from absl import logging
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,10 +133,17 @@ def load_config(workdir: str):
 def load_frozen_model(workdir: str, which: str = 'latest', mesh=None):
   """A trained model of any workdir: (config, graphdef, state, step), state on the mesh."""
   config = load_config(workdir)
-  model = train_lib.build_model(config, int(config.seed))
-  graphdef, state = train_lib.init_state(config, model)
   mesh = mesh or parallel.make_mesh()
-  state = jax.device_put(state, parallel.replicated(mesh))
+
+  def init():
+    return train_lib.init_state(config, train_lib.build_model(config, int(config.seed)))
+
+  # Shapes only: no eager random initialisation of weights the checkpoint replaces (seconds per
+  # model on CPU, which predict pays for both of its models).
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: train_lib.build_model(config, int(config.seed))))
+  replicated = parallel.replicated(mesh)
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                       jax.eval_shape(lambda: init()[1]))
   mngr = checkpoint.manager(workdir, config, read_only=True)
   step = checkpoint.resolve_step(mngr, which)
   state = checkpoint.restore(mngr, step, state)
