@@ -9,7 +9,6 @@ import time
 from absl import logging
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cspine_jax import checkpoint

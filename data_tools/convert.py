@@ -256,9 +256,10 @@ def _remove_outputs(out: str, uid: str) -> None:
 def _worker(args):
   job, out, labels, boxes = args
   record = convert_study(job, out, labels, boxes)
-  if record['status'] != 'ok':
-    _remove_outputs(out, job['uid']) if is_valid_uid(job['uid']) else None
-  _save_state(out, record) if is_valid_uid(job['uid']) else None
+  if is_valid_uid(job['uid']):  # an invalid name never becomes a path
+    if record['status'] != 'ok':
+      _remove_outputs(out, job['uid'])
+    _save_state(out, record)
   return record
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import shutil
 import tempfile
 
 from absl import app

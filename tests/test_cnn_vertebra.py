@@ -2,7 +2,6 @@
 BatchNorm statistics carried through the jitted train step."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 

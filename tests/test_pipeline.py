@@ -1,7 +1,5 @@
 """Grain pipeline: manifest, folds, determinism across threads/processes, eval coverage."""
 import collections
-import json
-import os
 
 import numpy as np
 import pytest
