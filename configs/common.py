@@ -41,6 +41,11 @@ def get_config() -> config_dict.ConfigDict:
   config.seed = 0
 
   config.data = data_config.get_config()  # every pipeline key, documented there
+  # The batch size and seed are the top-level keys (config.batch_size, config.seed): the
+  # pipeline takes them from there (data_config.resolve), so one override changes both the
+  # model's step and the data. Left in the data block, the pipeline's defaults won silently.
+  for key in ('batch_size', 'eval_batch_size', 'seed'):
+    del config.data[key]
   config.data.root = ''
   config.data.input_shape = (128, 128, 128)
   config.data.spacing_mm = (1.25, 1.0, 1.0)
@@ -65,12 +70,16 @@ def get_config() -> config_dict.ConfigDict:
   config.optimizer.b2 = 0.999
 
   config.loss = 'bce'
+  # Classification targets eps/2 and 1 - eps/2 (train_lib): calibration on small data.
+  config.label_smoothing = 0.0
 
   config.model = config_dict.ConfigDict()
   config.model.name = 'vit3d'
   config.model.input_shape = config.data.get_ref('input_shape')
   config.model.in_channels = 1
   config.model.patch_size = (16, 16, 16)
+  # 3^3 convolution widths before the patch embedding (a hybrid ViT; empty: plain patches).
+  config.model.conv_stem = ()
   config.model.width = 384
   config.model.depth = 6
   config.model.num_heads = 6

@@ -42,17 +42,22 @@ def get_config():
   # Dice weight 3, lr 3e-3: with 1 and 1e-3 the background-dominated CE kept every voxel at
   # background for the first hundreds of steps (held-out Dice 0.0 at step 160).
   config.dice_weight = 3.0
+  # Each patch token also predicts its patch's label histogram (losses.token_label_loss).
+  config.token_loss_weight = 1.0
   config.optimizer.lr = 3e-3
   config.optimizer.warmup_steps = 30
   config.optimizer.weight_decay = 0.01
   m = config.model
   m.mode = 'segment'
   m.in_channels = 2
-  m.patch_size = (8, 8, 8)
+  # 4 x 8 x 8 voxels (~14 x 21 x 21 mm on the demo data): a token is at most one level tall,
+  # so "which vertebra" is a token's own question (8^3 tokens straddled two levels).
+  m.patch_size = (4, 8, 8)
   m.width = 128
   m.depth = 4
   m.num_heads = 4
   m.mlp_dim = 256
-  m.decoder_features = 8
-  m.decoder_hidden = 16
+  m.decoder_features = 16
+  m.decoder_hidden = 32
+  m.context = 1  # the decoder sees each voxel's 3^3 neighbourhood of intensities
   return config

@@ -46,6 +46,9 @@ def bench_step(config, steps: int = 10, warmup: int = 2) -> dict:
   host = {'image': rng.random((b,) + shape + (channels,), np.float32),
           'labels': (rng.random((b, 8)) < 0.3).astype(np.float32),
           'mask': np.ones((b,), bool)}
+  if train_lib.is_segmentation(config):  # the localizer: a label per voxel
+    host['segmentation'] = rng.integers(0, 8, (b,) + shape, dtype=np.uint8)
+    host['has_segmentation'] = np.ones((b,), bool)
   batch = jax.device_put(host, parallel.batch_sharding(mesh))
   compiled = step_fn.lower(state, batch, None).compile()
   cost = compiled.cost_analysis()

@@ -148,3 +148,20 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array | No
   dice_loss = 1.0 - dice.mean(-1)
   ce, dice_loss = _masked_mean(ce, mask), _masked_mean(dice_loss, mask)
   return ce + dice_weight * dice_loss, {'ce': ce, 'dice': 1.0 - dice_loss}
+
+
+def token_label_loss(token_logits: jax.Array, labels: jax.Array, patch, mask=None) -> jax.Array:
+  """Auxiliary localizer loss: each patch token predicts its patch's label histogram.
+
+  token_logits (B, N, K) in patchify order (z, y, x major to minor), labels (B, Z, Y, X).
+  The target is the fraction of the patch's voxels in each class (soft cross-entropy), so a
+  token on the disc between C4 and C5 learns "half C4, half C5": the encoder is told which
+  level it sees directly, not only through the per-voxel decoder. Masked mean over examples.
+  """
+  b, k = token_logits.shape[0], token_logits.shape[-1]
+  grid = [n // p for n, p in zip(labels.shape[1:4], patch)]
+  onehot = jax.nn.one_hot(labels.astype(jnp.int32), k, dtype=jnp.float32)
+  h = onehot.reshape(b, grid[0], patch[0], grid[1], patch[1], grid[2], patch[2], k)
+  h = h.mean(axis=(2, 4, 6)).reshape(b, -1, k)
+  ce = -(h * jax.nn.log_softmax(token_logits.astype(jnp.float32))).sum(-1).mean(-1)
+  return _masked_mean(ce, mask)

@@ -51,7 +51,8 @@ def _panel(hu2d: np.ndarray, lab2d: np.ndarray, mm_per_px: tuple[float, float],
     y = 20 + int(round((rows.mean() + 0.5) * mm_per_px[0] * scale))
     draw.line([(size[0] - 6, y), (size[0] + 4, y)], fill=COLORS[i], width=2)
     p = probs.get(name)
-    text = f'{name} {p:.2f}' if p is not None else name
+    # 'C1 0.05' reads as 'C10.05' in the small bitmap font: a colon and p= keep them apart.
+    text = f'{name}: p={p:.2f}' if p is not None else name
     draw.text((size[0] + 8, y - 6), text, fill=COLORS[i])
   return out
 

@@ -50,6 +50,8 @@ def validate_config(config) -> None:
                       'python -m data_tools.convert first)')
   if not 0.0 <= float(config.get('ema_decay', 0.0)) < 1.0:
     raise ConfigError(f'config.ema_decay={config.ema_decay}: must be in [0, 1)')
+  if not 0.0 <= float(config.get('label_smoothing', 0.0)) < 1.0:
+    raise ConfigError(f'config.label_smoothing={config.label_smoothing}: must be in [0, 1)')
   if train_lib.is_segmentation(config):
     if config.loss != 'ce_dice':
       raise ConfigError(f'config.loss={config.loss!r}: model.mode="segment" trains with '

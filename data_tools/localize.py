@@ -8,8 +8,9 @@ For every ok study of CONVERTED/manifest.jsonl writes
 and adds to its manifest record
   predicted_vertebra_boxes   {"C1": [z0, y0, x0, z1, y1, x1], ...} end-exclusive voxel indices
   localizer                  {"workdir": ..., "step": ...} (which model predicted them)
-Studies with a true mask get a prediction too (to measure the localizer); crops still use the
-true mask where one exists (manifest.Study.boxes).
+Studies with a true mask get a prediction too, scored against it on the full grid (Dice per
+vertebra, printed at the end and kept in the study's .localize record); crops still use the true
+mask where one exists (manifest.Study.boxes).
 
 Resumable like the converter: each mask is written under a temporary name and renamed into
 place, then a per-study record goes to CONVERTED/.localize/<UID>.json; a rerun skips studies
@@ -86,6 +87,7 @@ def run(workdir: str, data: str, checkpoint: str = 'latest', keep_largest: bool 
   """Localizes every ok study of ``data`` not already done; returns the new manifest records."""
   # Heavy imports here: `--help` and the converter's tests stay light.
   from cspine_jax import localize_lib  # pylint: disable=g-import-not-at-top
+  from cspine_jax import seg_metrics  # pylint: disable=g-import-not-at-top
   from cspine_jax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from cspine_jax.data import sources  # pylint: disable=g-import-not-at-top
   from data_tools import volume_store  # pylint: disable=g-import-not-at-top
@@ -133,6 +135,10 @@ def run(workdir: str, data: str, checkpoint: str = 'latest', keep_largest: bool 
       if os.path.exists(tmp):
         convert.shutil.rmtree(tmp, ignore_errors=True)
     state = {'uid': uid, 'predicted_vertebra_boxes': loc.boxes, 'localizer': tag}
+    if r.get('has_segmentation'):
+      true = volume_store.read_array(os.path.join(data, 'segmentations', uid))
+      state['dice'] = [None if d != d else round(float(d), 5)
+                       for d in seg_metrics.dice_per_class(loc.mask, true)]
     convert._atomic_write(_state_path(data, uid),  # pylint: disable=protected-access
                           json.dumps(state, sort_keys=True))
     states[uid] = state
@@ -146,6 +152,24 @@ def run(workdir: str, data: str, checkpoint: str = 'latest', keep_largest: bool 
   merged = _merge(records, states)
   convert.write_manifest(data, merged)
   return merged
+
+
+def full_grid_dice(data: str) -> dict | None:
+  """Dice of the predicted masks against the true ones on the volumes' full grids.
+
+  {studies, dice_mean, dice_C1..dice_C7} over the studies of ``data`` that have a true mask,
+  from the records `run` wrote; None when none has one.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cspine_jax import seg_metrics  # pylint: disable=g-import-not-at-top
+  rows = []
+  for r in _read_manifest(data):
+    s = _load_state(data, r['uid']) if r.get('status') == 'ok' else None
+    if s and s.get('dice') is not None:
+      rows.append([np.nan if d is None else d for d in s['dice']])
+  if not rows:
+    return None
+  return {'studies': len(rows), **seg_metrics.summarize(np.asarray(rows, float))}
 
 
 FLAGS = flags.FLAGS
@@ -168,6 +192,11 @@ def main(argv):
   full = [r for r in located if len(r['predicted_vertebra_boxes']) == 7]
   print(f'{len(located)} studies localized ({len(full)} with all of C1-C7) in '
         f'{time.time() - start:.1f} s -> {os.path.join(FLAGS.data, KIND)}')
+  dice = full_grid_dice(FLAGS.data)
+  if dice:
+    print(f'Dice against the {dice["studies"]} true masks (full grid): mean '
+          f'{dice["dice_mean"]:.3f}; ' + ', '.join(
+              f'{k[5:]} {v:.3f}' for k, v in dice.items() if k.startswith('dice_C')))
 
 
 if __name__ == '__main__':

@@ -45,6 +45,77 @@ def test_segmentation_loss_prefers_the_truth():
   assert float(m) == pytest.approx(float(g), abs=1e-6)
 
 
+def test_token_label_loss_targets_are_patch_histograms():
+  import jax.numpy as jnp
+  from cspine_jax import losses
+  labels = np.zeros((1, 4, 2, 2), np.int32)  # two 2x2x2 patches along z
+  labels[0, 0, :, :] = 3  # patch 0: half C3 (4 voxels), half background
+  labels[0, 2:, :, :] = 5  # patch 1: all C5
+  target = np.zeros((1, 2, 8))
+  target[0, 0, [0, 3]] = 0.5
+  target[0, 1, 5] = 1.0
+  perfect = jnp.log(jnp.asarray(np.clip(target, 1e-9, None)))
+  ce = float(losses.token_label_loss(perfect, labels, (2, 2, 2)))
+  # Soft cross-entropy at the target itself = the targets' mean entropy: (ln 2 + 0) / 2.
+  assert ce == pytest.approx(np.log(2) / 2, abs=1e-6)
+  uniform = jnp.zeros((1, 2, 8))
+  assert float(losses.token_label_loss(uniform, labels, (2, 2, 2))) == pytest.approx(np.log(8))
+
+
+def test_decoder_neighbourhood_is_the_3x3x3_window():
+  from cspine_jax.models import segmenter
+  x = np.arange(2 * 3 * 4 * 5 * 2, dtype=np.float32).reshape(2, 3, 4, 5, 2)
+  n = np.asarray(segmenter.neighbourhood(x, 1))
+  assert n.shape == (2, 3, 4, 5, 54)
+  p = np.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)), mode='edge')
+  # Voxel (1, 2, 3) of example 1: its window, in (dz, dy, dx, channel) order.
+  want = p[1, 1:4, 2:5, 3:6].reshape(-1)
+  np.testing.assert_array_equal(n[1, 1, 2, 3], want)
+  np.testing.assert_array_equal(segmenter.neighbourhood(x, 0), x)
+
+
+def test_component_filter_keeps_a_split_vertebra_and_drops_far_strays():
+  from cspine_jax import localize_lib
+  labels = np.zeros((20, 8, 8), np.uint8)
+  labels[2:5, 2:6, 2:6] = 3  # C3, upper half
+  labels[6:8, 2:6, 2:6] = 3  # C3, lower half, beyond a 1-voxel fracture gap
+  labels[16, 3, 3] = 3  # a stray C3 voxel far down (a look-alike level)
+  labels[10:13, 2:6, 2:6] = 4
+  out = localize_lib.largest_components(labels, 8)
+  assert (out[2:8] == labels[2:8]).all()  # both halves kept: the box spans the fracture
+  assert out[16, 3, 3] == 0 and (out[10:13, 2:6, 2:6] == 4).all()
+  assert localize_lib.vertebra_boxes(out)['C3'] == [2, 2, 2, 8, 6, 6]
+  # reach=0 is the plain largest component (the lower half goes).
+  assert (localize_lib.largest_components(labels, 8, reach=0)[6:8] == 0).all()
+
+
+def test_probability_upsampling_places_the_boundary_between_voxel_centres():
+  from cspine_jax import localize_lib
+  from cspine_jax.data import geometry
+  # Low-res C1 probability rising linearly along z: p(o) = o / 3 for low-res slices o = 0..3.
+  p1 = np.broadcast_to((np.arange(4) / 3.0)[:, None, None], (4, 4, 4))
+  probs = np.zeros((4, 4, 4, 8), np.float32)
+  probs[..., 1], probs[..., 0] = p1, 1.0 - p1
+  labels = np.argmax(probs, -1).astype(np.uint8)  # C1 at o = 2, 3
+  cmap = geometry.CropMap(matrix=np.diag([2.0, 1.0, 1.0]), offset=np.zeros(3), shape=(4, 4, 4),
+                          pool=(1, 1, 1))
+  full = localize_lib.upsample_probs(probs, labels, cmap, (7, 4, 4))
+  # Full slice i reads o = i / 2, p = i / 6 > 0.5 from i = 4 on; nearest labels take i = 3
+  # too (rint(1.5) = 2): the boundary moves by half a low-res voxel.
+  np.testing.assert_array_equal(full[:, 0, 0], [0, 0, 0, 0, 1, 1, 1])
+  near = localize_lib.upsample_labels(labels, cmap, (7, 4, 4))
+  np.testing.assert_array_equal(near[:, 0, 0], [0, 0, 0, 1, 1, 1, 1])
+  # A piece that largest_components removed is not brought back by the interpolation.
+  kept = labels.copy()
+  kept[3] = 0
+  full = localize_lib.upsample_probs(probs, kept, cmap, (7, 4, 4))
+  np.testing.assert_array_equal(full[:, 0, 0], [0, 0, 0, 0, 1, 0, 0])
+  # Not axis-aligned: the caller falls back to nearest labels.
+  rot = geometry.CropMap(matrix=np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]]),
+                         offset=np.zeros(3), shape=(4, 4, 4), pool=(1, 1, 1))
+  assert localize_lib.upsample_probs(probs, labels, rot, (4, 4, 4)) is None
+
+
 def _localizer_config(root):
   from configs import localizer
   c = localizer.get_config()

@@ -210,3 +210,15 @@ def test_segmentation_field_in_batches(root):
     for uid, m, has, seg in zip(b['uid'], b['mask'], b['has_segmentation'], b['segmentation']):
       assert has == (m and truth[uid])
       assert (seg.max() > 0) == has
+
+
+@pytest.mark.parametrize('name', ['smoke', 'localizer', 'demo', 'vit_b2'])
+def test_project_configs_feed_top_level_batch_size_and_seed_to_the_pipeline(name):
+  # A regression: the data block used to carry the pipeline's own defaults (batch 8, seed 0),
+  # which won over config.batch_size / config.seed without a word.
+  import importlib
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config.batch_size = 6
+  config.seed = 11
+  c = data_config.resolve(config)
+  assert (c.batch_size, c.eval_batch_size, c.seed) == (6, 6, 11)

@@ -262,3 +262,21 @@ def test_configs_build(name, params):
   assert flops.analytic_param_count(config.model) == params
   assert config.model.in_channels == len(config.data.windows)
   assert tuple(config.model.input_shape) == tuple(config.data.input_shape)
+
+
+def test_conv_stem_feeds_the_patch_embedding_and_trains():
+  kw = dict(input_shape=(8, 8, 8), patch_size=(4, 4, 4), width=16, depth=1, num_heads=2,
+            mlp_dim=32, head_zero_init=False)
+  model = build_model(dict(kw, conv_stem=(4, 8)), 0)
+  assert model.patch_embed.proj.kernel.shape == (4 ** 3 * 8, 16)  # embeds the stem's channels
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 8, 1))
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(p):
+    return jnp.sum(nnx.merge(graphdef, p)(x) ** 2)
+
+  g = jax.grad(loss)(params)
+  stem_grad = g['stem']['convs'][0]['kernel'][...]
+  assert float(jnp.abs(stem_grad).sum()) > 0  # the stem is on the path to the logits
+  plain = build_model(kw, 0)
+  assert plain.stem is None and plain.patch_embed.proj.kernel.shape == (4 ** 3, 16)

@@ -2,12 +2,17 @@
 
 Layout (pre-LN, as ViT / vit_pytorch's vit_3d):
 
-  (B, Z, Y, X, C) -> patch embedding (kernel = stride = patch, anisotropic
+  (B, Z, Y, X, C) -> [conv stem] -> patch embedding (kernel = stride = patch, anisotropic
   allowed) -> + position code (3D sin-cos, fixed; or learned) -> [CLS,
   (DIST), patches] -> dropout -> depth x [x + DropPath(Drop(Attn(LN(x)))),
   x + DropPath(Drop(MLP(LN(x))))] -> pool (CLS token, or mean over the
   non-distillation tokens) -> LayerNorm -> Linear head -> 8 logits
   (patient_overall, C1..C7).
+
+`conv_stem=(c1, c2, ...)` puts 3^3 convolutions (stride 1, GroupNorm, GELU)
+before the patch embedding: a hybrid embedding, the small-data remedy of
+"Early convolutions help transformers see better" (Xiao et al. 2021): the
+tokens start from local edge features instead of raw voxels.
 
 The final LayerNorm is applied after pooling, as in vit_pytorch's
 `mlp_head = LayerNorm + Linear` (for CLS pooling the order does not matter;
@@ -41,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cspine_jax.models import cnn3d
 from cspine_jax.models import deformable
 from cspine_jax.models import heads
 from cspine_jax.models import layers
@@ -180,6 +186,28 @@ class Encoder(nnx.Module):
     return x
 
 
+class ConvStem(nnx.Module):
+  """3^3 convolutions at full resolution, each GroupNorm + GELU (the hybrid embedding)."""
+
+  def __init__(self, in_channels: int, widths: Sequence[int], *, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.convs = nnx.List()
+    self.norms = nnx.List()
+    cin = in_channels
+    for c in widths:
+      self.convs.append(nnx.Conv(cin, c, (3, 3, 3), padding='SAME', dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs))
+      self.norms.append(nnx.GroupNorm(c, num_groups=min(8, c), dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs))
+      cin = c
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # Shifted views + one matmul: XLA's CPU 3D convolutions are several times slower.
+    for conv, norm in zip(self.convs, self.norms):
+      x = jax.nn.gelu(norm(cnn3d.im2col_conv(conv, x)))
+    return x
+
+
 class ViT3D(nnx.Module):
   """3D ViT classifier; see the module docstring for layout and calls."""
 
@@ -199,6 +227,7 @@ class ViT3D(nnx.Module):
       patient_head: str = 'logit',
       distill_token: bool = False,
       patch_embed_norm: bool = False,
+      conv_stem: Sequence[int] = (),
       qkv_bias: bool = True,
       dropout: float = 0.0,
       attention_dropout: float = 0.0,
@@ -246,8 +275,10 @@ class ViT3D(nnx.Module):
     # Training mode needs a key only if something is stochastic.
     self.max_rate = max(dropout, attention_dropout, emb_dropout, drop_path)
 
+    self.stem = ConvStem(in_channels, tuple(conv_stem), dtype=self.dtype,
+                         param_dtype=param_dtype, rngs=rngs) if conv_stem else None
     self.patch_embed = layers.PatchEmbed(
-        self.patch_size, in_channels, width, patch_norm=patch_embed_norm,
+        self.patch_size, conv_stem[-1] if conv_stem else in_channels, width, patch_norm=patch_embed_norm,
         norm_epsilon=norm_epsilon, dtype=self.dtype, param_dtype=param_dtype,
         rngs=rngs)
     num_patches = int(np.prod(self.grid))
@@ -300,7 +331,10 @@ class ViT3D(nnx.Module):
     if not deterministic and rng is None and self.max_rate > 0:
       raise ValueError('deterministic=False needs rng= (a jax.random key)')
     k_emb, k_layers = layers.split_key(rng, 2)
-    tokens = self.patch_embed(x.astype(self.dtype))
+    x = x.astype(self.dtype)
+    if self.stem is not None:
+      x = self.stem(x)
+    tokens = self.patch_embed(x)
     b = tokens.shape[0]
     if self.pos_embedding == 'learned':
       pos = self.pos[...]
