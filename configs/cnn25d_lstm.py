@@ -3,7 +3,7 @@ r"""Per-vertebra 2.5D CNN + bidirectional GRU (the RSNA 2022 1st/2nd-place recip
   python -m cspine_jax.train --config=configs/cnn25d_lstm.py --workdir=runs/cnn25d \
       --config.data.root=/data/cspine
 
-Seven 16x24x24 crops at 2 mm per study (one per vertebra), as configs/demo.py. In each crop every
+Seven 16x24x24 crops at 2 mm per study (one per vertebra), as configs/vertebra.py. In each crop every
 axial slice is stacked with its two neighbours (3 channels) and goes through a 2D ResNet of widths
 16-32-64 shared by all slices; a bidirectional GRU (64 per direction) runs over the 16 slices,
 mean and max over slices give the vertebra's features; vertebra logits combined by noisy-OR.

@@ -4,8 +4,10 @@ r"""Per-vertebra 3D CNN (ResNet-style, GroupNorm): the convolutional baseline an
       --config.data.root=/data/cspine
 
 Seven 16x24x24 crops at 2 mm per study (one per vertebra, from the masks), a 3D ResNet of widths
-16-32-64 shared by the seven, vertebra logits combined by noisy-OR. On the synthetic demo data it
-learns the fracture lines in a few CPU minutes (see README "Measured").
+16-32-64 shared by the seven, vertebra logits combined by noisy-OR, label smoothing 0.1. On the demo data (two-stage boxes, 24
+held-out studies) it reaches RSNA 0.216 (mean AUC 0.97) in 3 CPU minutes; without the label
+smoothing it ranked as well but was over-confident (0.82 at mean AUC 0.95 on the 14 held-out
+studies with masks): README "Model comparison".
 """
 import ml_collections
 
@@ -21,4 +23,6 @@ def get_config():
       'stem_stride': 2, 'norm': 'group', 'dropout': 0.0, 'patient_head': 'noisy_or',
       # Convolutions as shifted views + one matmul: ~1.6x faster steps on CPU (cnn3d.py).
       'conv_impl': 'im2col', 'dtype': 'float32'})
+  # The teacher of configs/vertebra_distill.py: calibrated targets matter there too.
+  config.label_smoothing = 0.1
   return config

@@ -155,7 +155,7 @@ def seed_vit(config: config_dict.ConfigDict, dropout: float
 
 
 def per_vertebra(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
-  """Per-vertebra crops and a short CPU schedule (configs/demo.py, configs/cnn_vertebra.py).
+  """Per-vertebra crops and a short CPU schedule (configs/vertebra.py, configs/cnn_vertebra.py).
 
   Seven 16 x 24 x 24 crops at 2 mm (32 x 48 x 48 mm: a vertebra and its neighbours' edges), one
   per vertebra from the true boxes (masks) or the localizer's predicted ones: training uses every

@@ -1,4 +1,4 @@
-r"""The per-vertebra demo ViT with a DeiT distillation token, taught by a CNN of this repo.
+r"""The per-vertebra ViT with a DeiT distillation token, taught by a CNN of this repo.
 
   python -m cspine_jax.train --config=configs/cnn_vertebra.py --workdir=runs/cnn \
       --config.data.root=/data/cspine                                   # the teacher first
@@ -6,7 +6,7 @@ r"""The per-vertebra demo ViT with a DeiT distillation token, taught by a CNN of
       --config.data.root=/data/cspine --config.distill.teacher_workdir=runs/cnn \
       [--config.distill.kind=soft --config.distill.temperature=2]
 
-Student: configs/demo.py's ViT (4 mm patches, width 96, depth 4) with a DIST token beside CLS;
+Student: configs/vertebra.py's ViT (4 mm patches, width 96, depth 4) with a DIST token beside CLS;
 VertebraClassifier gives each token its own vertebra head, so the loss sees 'logits_cls'
 (against the labels) and 'logits_dist' (against the teacher); prediction averages the two.
 Teacher: any workdir of this repo taking the same input (its config.json and checkpoint
@@ -17,11 +17,11 @@ README "Model comparison".
 """
 from ml_collections import config_dict
 
-from configs import demo
+from configs import vertebra
 
 
 def get_config():
-  config = demo.get_config()
+  config = vertebra.get_config()
   config.model.distill_token = True
   config.distill = config_dict.ConfigDict()
   config.distill.teacher_workdir = ''  # required: set on the command line

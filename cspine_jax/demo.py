@@ -8,7 +8,8 @@ Stages (data stages resumable; rerunning skips what is done):
   3. cspine_jax.train configs/localizer.py on the segmented studies, its held-out Dice, then
      data_tools.localize: predicted masks and vertebra boxes for every study of both sets
      (--notwo_stage skips this stage)
-  4. cspine_jax.train:     configs/demo.py (per-vertebra classifier) on the labelled studies with
+  4. cspine_jax.train:     configs/demo.py (the best per-vertebra classifier measured, the 3D
+                           CNN of configs/cnn_vertebra.py) on the labelled studies with
                            vertebra boxes (true, else predicted)
   5. cspine_jax.eval:      every held-out study (--notwo_stage: those with masks) -> submission.csv,
                            RSNA score, AUCs, ROC curves, beside the constant-prevalence baseline

@@ -50,6 +50,16 @@ def _masked_mean(per_example: jax.Array, mask: jax.Array | None) -> jax.Array:
   return (per_example * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
+def smooth_labels(labels: jax.Array, eps: float) -> jax.Array:
+  """Binary label smoothing: 0 -> eps/2, 1 -> 1 - eps/2 (``config.label_smoothing``).
+
+  Why: a per-vertebra CNN fits a few dozen studies to logits of +-10; on held-out studies the
+  RSNA log loss then punishes its few confident misses far more than its ranking earns (demo
+  data: RSNA 0.82 at mean AUC 0.95 without, 0.22 with eps = 0.1; README "Model comparison").
+  """
+  return labels * (1.0 - eps) + 0.5 * eps
+
+
 def rsna_weights(labels: jax.Array) -> jax.Array:
   """(..., 8) per-target weights of the RSNA metric (soft labels interpolate)."""
   y = labels.astype(jnp.float32)

@@ -141,10 +141,7 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
     mask = _loss_mask(micro)
     labels = micro['labels']
     if smoothing:
-      # Label smoothing: targets eps/2 and 1 - eps/2. A per-vertebra CNN otherwise drives its
-      # logits to +-10 on a few dozen studies; on held-out studies the RSNA log loss then
-      # punishes its few confident misses harder than its ranking (AUC) earns.
-      labels = labels * (1.0 - smoothing) + 0.5 * smoothing
+      labels = losses.smooth_labels(labels, smoothing)
     aux = {}
     if segment:
       # Only examples whose study has a true mask carry a per-voxel label.

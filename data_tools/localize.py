@@ -14,7 +14,7 @@ mask where one exists (manifest.Study.boxes).
 
 Resumable like the converter: each mask is written under a temporary name and renamed into
 place, then a per-study record goes to CONVERTED/.localize/<UID>.json; a rerun skips studies
-whose record names the same localizer checkpoint, and the manifest is rewritten atomically at
+whose record names the same localizer checkpoint (and post-processing version), and the manifest is rewritten atomically at
 the end (and every 30 s). Rerun this after re-running the converter (which rewrites the
 manifest from its own records, without predicted boxes).
 """
@@ -34,6 +34,9 @@ from data_tools import convert
 
 STATE_DIR = '.localize'
 KIND = 'predicted_segmentations'
+# Bumped when the post-processing changes (2: pieces of a split vertebra kept, probabilities
+# upsampled linearly), so a rerun redoes studies an older version localized.
+METHOD_VERSION = 2
 
 
 def _read_manifest(data: str) -> list[dict]:
@@ -97,7 +100,8 @@ def run(workdir: str, data: str, checkpoint: str = 'latest', keep_largest: bool 
     raise FileNotFoundError(f'--data={data}: no {convert.MANIFEST} (run python -m '
                             'data_tools.convert first)')
   localizer = localize_lib.Localizer(workdir, checkpoint)
-  tag = {'workdir': os.path.abspath(workdir), 'step': int(localizer.step)}
+  tag = {'workdir': os.path.abspath(workdir), 'step': int(localizer.step),
+         'method': METHOD_VERSION}
   os.makedirs(os.path.join(data, KIND), exist_ok=True)
   os.makedirs(os.path.join(data, STATE_DIR), exist_ok=True)
   _clean_temporaries(data)

@@ -189,6 +189,22 @@ def test_localize_writes_masks_boxes_and_resumes(two_stage):
     for name, box in boxes.items():
       z0, y0, x0, z1, y1, x1 = box
       assert (mask[z0:z1, y0:y1, x0:x1] == constants.VERTEBRAE.index(name) + 1).any()
+  # Studies with a true mask are scored on the full grid; the summary is the mean of those.
+  from cspine_jax import seg_metrics
+  rows = []
+  for r in records:
+    state = json.load(open(os.path.join(data, '.localize', r['uid'] + '.json')))
+    assert ('dice' in state) == bool(r['has_segmentation'])
+    if r['has_segmentation']:
+      true = volume_store.read_array(os.path.join(data, 'segmentations', r['uid']))
+      pred = volume_store.read_array(os.path.join(data, 'predicted_segmentations', r['uid']))
+      want = seg_metrics.dice_per_class(pred, true)
+      np.testing.assert_allclose([np.nan if d is None else d for d in state['dice']], want,
+                                 atol=1e-5)
+      rows.append(want)
+  summary = localize.full_grid_dice(data)
+  assert summary['studies'] == len(rows) > 0
+  assert summary['dice_mean'] == pytest.approx(float(np.nanmean(rows)), abs=1e-5)
   # Crops prefer true boxes; studies without masks use the predicted ones.
   for s in manifest.load_manifest(data):
     assert s.boxes == (s.vertebra_boxes or s.predicted_vertebra_boxes)

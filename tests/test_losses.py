@@ -131,6 +131,16 @@ def test_distillation_rsna_weights_follow_true_labels():
   np.testing.assert_allclose(parts2['distill'], want, rtol=1e-5)
 
 
+def test_label_smoothing_hand_values_and_loss_floor():
+  y = jnp.array([[0.0, 1.0, 0.5]])
+  np.testing.assert_allclose(losses.smooth_labels(y, 0.1), [[0.05, 0.95, 0.5]], atol=1e-7)
+  # With smoothed targets the BCE is smallest at p = 0.95, not at an infinite logit.
+  t = losses.smooth_labels(jnp.ones((1, 1)), 0.1)
+  z = jnp.linspace(0.0, 8.0, 801)[:, None]
+  best = float(z[jnp.argmin(losses.sigmoid_bce(z, t)[:, 0])][0])
+  assert best == pytest.approx(math.log(0.95 / 0.05), abs=0.01)
+
+
 def test_unknown_names_raise():
   with pytest.raises(ValueError):
     losses.get_loss('focal')

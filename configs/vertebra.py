@@ -1,0 +1,28 @@
+r"""Per-vertebra ViT: one crop per vertebra through a small 3D ViT (stage 2 of the two-stage flow).
+
+  python -m cspine_jax.train --config=configs/vertebra.py --workdir=W --config.data.root=CONVERTED
+
+Seven 16x24x24 crops per study (each vertebra's box from the true mask, else the localizer's
+predicted box, plus 3 mm, stretched onto the crop), a 3D ViT with 4x4x4-voxel patches (a 4x6x6
+token grid, width 96, depth 4, mean pool) shared by the seven, a per-vertebra logit, vertebra
+logits combined by noisy-OR into patient_overall, plain BCE, 400 steps of batch 8 (~3 minutes on
+2 CPU cores, 17.6 samples/s). Trained on every labelled study with true or predicted boxes. On
+the demo data (two-stage boxes, 24 held-out studies): RSNA 0.343 against 0.546 for the constant,
+mean AUC 0.92 -- behind the 3D CNN of configs/cnn_vertebra.py (0.216), which configs/demo.py
+therefore uses; README "Model comparison" has every model side by side.
+"""
+from configs import common
+
+
+def get_config():
+  config = common.per_vertebra(common.get_config())
+  m = config.model
+  m.mode = 'vertebra'
+  m.patient_head = 'noisy_or'
+  m.patch_size = (4, 4, 4)
+  m.width = 96
+  m.depth = 4
+  m.num_heads = 4
+  m.mlp_dim = 192
+  m.pool = 'mean'
+  return config
