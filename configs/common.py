@@ -72,6 +72,8 @@ def get_config() -> config_dict.ConfigDict:
   config.loss = 'bce'
   # Classification targets eps/2 and 1 - eps/2 (train_lib): calibration on small data.
   config.label_smoothing = 0.0
+  # > 0: mixup of whole studies in the train step, l ~ Beta(a, a) (train_lib.mixup).
+  config.mixup_alpha = 0.0
 
   config.model = config_dict.ConfigDict()
   config.model.name = 'vit3d'

@@ -7,9 +7,9 @@ predicted box, plus 3 mm, stretched onto the crop), a 3D ViT with 4x4x4-voxel pa
 token grid, width 96, depth 4, mean pool) shared by the seven, a per-vertebra logit, vertebra
 logits combined by noisy-OR into patient_overall, plain BCE, 400 steps of batch 8 (~3 minutes on
 2 CPU cores, 17.6 samples/s). Trained on every labelled study with true or predicted boxes. On
-the demo data (two-stage boxes, 24 held-out studies): RSNA 0.343 against 0.546 for the constant,
-mean AUC 0.92 -- behind the 3D CNN of configs/cnn_vertebra.py (0.216), which configs/demo.py
-therefore uses; README "Model comparison" has every model side by side.
+the demo data (two-stage boxes, 24 held-out studies, constant 0.546): RSNA 0.343, mean AUC 0.92,
+behind the 3D CNN of configs/cnn_vertebra.py (0.216 at 400 steps, 0.189 at 800), which
+configs/demo.py therefore uses (README "Model comparison").
 """
 from configs import common
 

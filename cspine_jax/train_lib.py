@@ -118,6 +118,31 @@ def _loss_mask(batch) -> jax.Array:
   return mask
 
 
+def mixup(batch: dict, key: jax.Array, alpha: float) -> dict:
+  """Mixes each study with another of the batch: x = l x_i + (1 - l) x_j, same for the labels.
+
+  l ~ Beta(alpha, alpha) per example, j a random permutation; an example counts only if both of
+  its sources do (mask, labelled, vertebra_mask). For distillation (DeiT's recipe): on a mixed
+  crop the teacher's output says how much fracture is left in view, which the labels of a few
+  dozen memorised studies cannot.
+  """
+  k_perm, k_lam = jax.random.split(key)
+  b = batch['image'].shape[0]
+  perm = jax.random.permutation(k_perm, b)
+  lam = jax.random.beta(k_lam, alpha, alpha, (b,))
+  out = dict(batch)
+  shape = (b,) + (1,) * (batch['image'].ndim - 1)
+  x = batch['image'].astype(jnp.float32)
+  out['image'] = (lam.reshape(shape) * x + (1 - lam.reshape(shape)) * x[perm]).astype(
+      batch['image'].dtype)
+  y = batch['labels'].astype(jnp.float32)
+  out['labels'] = lam[:, None] * y + (1 - lam[:, None]) * y[perm]
+  for k in ('mask', 'labelled', 'vertebra_mask'):
+    if k in batch:
+      out[k] = batch[k].astype(bool) & batch[k][perm].astype(bool)
+  return out
+
+
 def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = None
                     ) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
   """The pure train step: (state, batch, teacher_params) -> (new state, metrics).
@@ -133,8 +158,12 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
   distill = config.get('distill', None)
   use_distill = bool(distill and distill.get('teacher_workdir'))
   smoothing = float(config.get('label_smoothing', 0.0))
+  mix_alpha = float(config.get('mixup_alpha', 0.0))
 
   def compute_loss(params, rest, micro, key, teacher_params):
+    if mix_alpha:
+      key, k_mix = jax.random.split(key)
+      micro = mixup(micro, k_mix, mix_alpha)
     # copy=True: fresh Variables at this trace level, so batch statistics can be updated here.
     model = nnx.merge(graphdef, params, rest, copy=True)
     out = model.outputs(micro['image'], deterministic=False, rng=key)

@@ -146,3 +146,20 @@ def test_unknown_names_raise():
     losses.get_loss('focal')
   with pytest.raises(ValueError):
     losses.distill_targets(jnp.zeros(8), 'medium')
+
+
+def test_mixup_mixes_images_and_labels_with_the_same_weight():
+  from cspine_jax import train_lib
+  rng = np.random.default_rng(0)
+  y = rng.random((6, 8)).astype(np.float32)
+  # Each image is filled with its study's first label: after mixing, the image's value must
+  # still equal the mixed label if (and only if) both were mixed with the same l and partner.
+  x = np.broadcast_to(y[:, :1, None, None, None, None], (6, 7, 2, 2, 2, 1)).copy()
+  mask = np.array([1, 1, 1, 1, 1, 0], bool)
+  out = train_lib.mixup({'image': jnp.asarray(x), 'labels': jnp.asarray(y),
+                         'mask': jnp.asarray(mask)}, jax.random.key(3), 0.4)
+  img = np.asarray(out['image'])
+  np.testing.assert_allclose(img[:, 0, 0, 0, 0, 0], np.asarray(out['labels'])[:, 0], rtol=1e-6)
+  assert not np.allclose(img[:, 0, 0, 0, 0, 0], y[:, 0])  # something was mixed
+  # The padded study (mask 0) invalidates itself and whichever study it was mixed into.
+  assert np.asarray(out['mask']).sum() in (4, 5) and not np.asarray(out['mask'])[5]
