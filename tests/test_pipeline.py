@@ -212,7 +212,7 @@ def test_segmentation_field_in_batches(root):
       assert (seg.max() > 0) == has
 
 
-@pytest.mark.parametrize('name', ['smoke', 'localizer', 'demo', 'vit_b2'])
+@pytest.mark.parametrize('name', ['smoke', 'localizer', 'demo', 'vertebra', 'vit_b2'])
 def test_project_configs_feed_top_level_batch_size_and_seed_to_the_pipeline(name):
   # A regression: the data block used to carry the pipeline's own defaults (batch 8, seed 0),
   # which won over config.batch_size / config.seed without a word.
