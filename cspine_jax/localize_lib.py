@@ -91,8 +91,7 @@ def upsample_labels(labels: np.ndarray, cmap: geometry.CropMap, volume_shape) ->
                               order=0, mode='nearest', prefilter=False)
 
 
-def _linear_weights(n_full: int, n_low: int, scale: float, offset: float, lo: int, hi: int
-                    ) -> np.ndarray:
+def _linear_weights(n_low: int, scale: float, offset: float, lo: int, hi: int) -> np.ndarray:
   """(hi - lo, n_low) linear interpolation weights: full index i reads low index (i - c) / m."""
   o = np.clip((np.arange(lo, hi, dtype=float) - offset) / scale, 0.0, n_low - 1.0)
   i0 = np.minimum(np.floor(o).astype(np.int64), n_low - 1)
@@ -112,8 +111,8 @@ def upsample_probs(probs: np.ndarray, labels: np.ndarray, cmap: geometry.CropMap
 
   Nearest labels turn every low-res voxel (~3 mm) into a block, so a boundary is off by up to
   half a voxel; interpolating the probabilities and taking the argmax on the full grid places
-  it between voxel centres. Measured on the demo's held-out masks: full-grid Dice 0.768 with
-  nearest labels (README). Only the box around the foreground (one low-res voxel of margin) is
+  it between voxel centres. Measured on the demo's 14 held-out masks: full-grid Dice 0.768 with
+  nearest labels, 0.823 with this (README "Two stages"). Only the box around the foreground (one low-res voxel of margin) is
   interpolated: on a 512^2 scan the neck is a small part of the volume. ``labels`` (after
   `largest_components`) decides which foreground survives: probability of a removed piece goes
   to background.
@@ -134,8 +133,7 @@ def upsample_probs(probs: np.ndarray, labels: np.ndarray, cmap: geometry.CropMap
     lo = int(np.clip(np.floor(ends[0]), 0, volume_shape[axis]))
     hi = int(np.clip(np.ceil(ends[1]) + 1, 0, volume_shape[axis]))
     ranges.append((lo, hi))
-  w = [_linear_weights(volume_shape[a], low_shape[a], m[a, a], off[a], *ranges[a])
-       for a in range(3)]
+  w = [_linear_weights(low_shape[a], m[a, a], off[a], *ranges[a]) for a in range(3)]
   # Separable: along x, then y, then z (each a small matmul on the probabilities).
   p = np.einsum('zyxk,Xx->zyXk', probs, w[2], optimize=True)
   p = np.einsum('zyXk,Yy->zYXk', p, w[1], optimize=True)

@@ -150,6 +150,8 @@ def test_nan_guard_stops_before_a_bad_checkpoint(smoke_config, tmp_path, monkeyp
     ('batch_size', 0, 'config.batch_size=0'),
     ('total_steps', -1, 'config.total_steps=-1'),
     ('loss', 'mse', "config.loss='mse'"),
+    ('label_smoothing', 1.5, 'config.label_smoothing=1.5'),
+    ('mixup_alpha', -0.2, 'config.mixup_alpha=-0.2'),
 ])
 def test_bad_config_values_name_the_key(smoke_config, tmp_path, key, value, message):
   from cspine_jax import train_loop
