@@ -54,8 +54,9 @@ def smooth_labels(labels: jax.Array, eps: float) -> jax.Array:
   """Binary label smoothing: 0 -> eps/2, 1 -> 1 - eps/2 (``config.label_smoothing``).
 
   Why: a per-vertebra CNN fits a few dozen studies to logits of +-10; on held-out studies the
-  RSNA log loss then punishes its few confident misses far more than its ranking earns (demo
-  data: RSNA 0.82 at mean AUC 0.95 without, 0.22 with eps = 0.1; README "Model comparison").
+  RSNA log loss then punishes its few confident misses far more than its ranking earns. Demo
+  data: RSNA 0.82 at mean AUC 0.95 without (14 held-out studies, one stage); 0.216 at mean AUC
+  0.97 with eps = 0.1 (24 held-out studies, two stages); README "Model comparison".
   """
   return labels * (1.0 - eps) + 0.5 * eps
 

@@ -14,9 +14,9 @@ mask where one exists (manifest.Study.boxes).
 
 Resumable like the converter: each mask is written under a temporary name and renamed into
 place, then a per-study record goes to CONVERTED/.localize/<UID>.json; a rerun skips studies
-whose record names the same localizer checkpoint (and post-processing version), and the manifest is rewritten atomically at
-the end (and every 30 s). Rerun this after re-running the converter (which rewrites the
-manifest from its own records, without predicted boxes).
+whose record names the same localizer checkpoint and post-processing version, and the manifest
+is rewritten atomically at the end (and every 30 s). Rerun this after re-running the converter
+(which rewrites the manifest from its own records, without predicted boxes).
 """
 from __future__ import annotations
 

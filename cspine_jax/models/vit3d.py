@@ -278,7 +278,8 @@ class ViT3D(nnx.Module):
     self.stem = ConvStem(in_channels, tuple(conv_stem), dtype=self.dtype,
                          param_dtype=param_dtype, rngs=rngs) if conv_stem else None
     self.patch_embed = layers.PatchEmbed(
-        self.patch_size, conv_stem[-1] if conv_stem else in_channels, width, patch_norm=patch_embed_norm,
+        self.patch_size, conv_stem[-1] if conv_stem else in_channels, width,
+        patch_norm=patch_embed_norm,
         norm_epsilon=norm_epsilon, dtype=self.dtype, param_dtype=param_dtype,
         rngs=rngs)
     num_patches = int(np.prod(self.grid))
