@@ -197,10 +197,6 @@ class Localizer:
     import jax  # pylint: disable=g-import-not-at-top
     return np.asarray(jax.device_get(self._probs(self.state, images)))
 
-  def segment_lowres(self, images: np.ndarray) -> np.ndarray:
-    """(B, z, y, x, C) -> (B, z, y, x) uint8 labels on the localizer's grid."""
-    return np.argmax(self.probs_lowres(images), -1).astype(np.uint8)
-
   def localize(self, reader, study, keep_largest: bool = True) -> Localization:
     """The localizer on one study: its full-grid mask and vertebra boxes."""
     t = {}

@@ -235,40 +235,37 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
   return train_step
 
 
-def make_predict_fn(graphdef: nnx.GraphDef, use_ema: bool = False
-                    ) -> Callable[[TrainState, jax.Array], jax.Array]:
-  """(state, images) -> (B, 8) probabilities, deterministic (no dropout)."""
+def _inference_fn(graphdef: nnx.GraphDef, use_ema: bool, head: Callable[[jax.Array], jax.Array]
+                  ) -> Callable[[TrainState, jax.Array], jax.Array]:
+  """(state, images) -> head(logits): the model rebuilt from the state (EMA weights if asked and
+  kept), deterministic (no dropout)."""
 
-  def predict(state: TrainState, images: jax.Array) -> jax.Array:
+  def fn(state: TrainState, images: jax.Array) -> jax.Array:
     params = state.ema if use_ema and state.ema else state.params
     model = nnx.merge(graphdef, params, state.rest)
-    return jax.nn.sigmoid(model(images, deterministic=True))
+    return head(model(images, deterministic=True))
 
-  return predict
+  return fn
+
+
+def make_predict_fn(graphdef: nnx.GraphDef, use_ema: bool = False
+                    ) -> Callable[[TrainState, jax.Array], jax.Array]:
+  """(state, images) -> (B, 8) probabilities."""
+  return _inference_fn(graphdef, use_ema, jax.nn.sigmoid)
 
 
 def make_segment_fn(graphdef: nnx.GraphDef, use_ema: bool = False
                     ) -> Callable[[TrainState, jax.Array], jax.Array]:
   """(state, images) -> (B, Z, Y, X) uint8 labels (argmax over the classes): the localizer."""
-
-  def segment(state: TrainState, images: jax.Array) -> jax.Array:
-    params = state.ema if use_ema and state.ema else state.params
-    model = nnx.merge(graphdef, params, state.rest)
-    return jnp.argmax(model(images, deterministic=True), axis=-1).astype(jnp.uint8)
-
-  return segment
+  return _inference_fn(graphdef, use_ema,
+                       lambda z: jnp.argmax(z, axis=-1).astype(jnp.uint8))
 
 
 def make_segment_probs_fn(graphdef: nnx.GraphDef, use_ema: bool = False
                           ) -> Callable[[TrainState, jax.Array], jax.Array]:
   """(state, images) -> (B, Z, Y, X, K) float32 class probabilities: the localizer, soft."""
-
-  def probs(state: TrainState, images: jax.Array) -> jax.Array:
-    params = state.ema if use_ema and state.ema else state.params
-    model = nnx.merge(graphdef, params, state.rest)
-    return jax.nn.softmax(model(images, deterministic=True).astype(jnp.float32), axis=-1)
-
-  return probs
+  return _inference_fn(graphdef, use_ema,
+                       lambda z: jax.nn.softmax(z.astype(jnp.float32), axis=-1))
 
 
 def make_logits_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Any, jax.Array], jax.Array]:
