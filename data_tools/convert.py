@@ -13,13 +13,16 @@ INPUT is an RSNA root (train_images/, test_images/, segmentations/, train.csv,
 train_bounding_boxes.csv; any may be missing) or a folder whose sub-folders are studies.
 Studies run in parallel processes (spawned: TensorStore is never used across fork). Each study is
 written under a temporary name and moved into place when complete; a rerun skips finished studies
-and retries failed ones, so `kill -9` at any time loses nothing. The command exits non-zero,
+and retries failed ones, so `kill -9` at any time loses nothing. Workers die with the command (and
+a rerun waits for any that outlive it), and a second command on the same OUTPUT is refused. The command exits non-zero,
 after converting everything it can, when any study failed; the manifest says why.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import csv
+import ctypes
+import fcntl
 import json
 import multiprocessing
 import os
@@ -39,6 +42,8 @@ from cspine_jax import constants
 MANIFEST = 'manifest.jsonl'
 STATE_DIR = '.state'  # one finished record per study; the manifest is rebuilt from these
 FORMAT_VERSION = 1
+RUN_LOCK = '.convert.lock'  # held by the running command: one command per output folder
+WORKERS_LOCK = '.convert-workers.lock'  # held (shared) by every worker while it lives
 _UID_RE = re.compile(r'^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$')
 
 
@@ -253,6 +258,42 @@ def _remove_outputs(out: str, uid: str) -> None:
       shutil.rmtree(path)
 
 
+_worker_lock = None  # the worker's open WORKERS_LOCK: held until the process exits
+
+
+def _worker_init(out: str, parent: int) -> None:
+  """Ties a worker's life to the command's and marks it alive for the next run.
+
+  Without this a `kill -9` of the command leaves its worker converting studies; a rerun then
+  writes the same studies at the same time and each removes the other's temporaries.
+  """
+  global _worker_lock
+  if sys.platform.startswith('linux'):
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, 9)  # SIGKILL when the parent dies
+  if os.getppid() != parent:  # the parent died before the line above took effect
+    os._exit(1)  # pylint: disable=protected-access
+  _worker_lock = open(os.path.join(out, WORKERS_LOCK), 'a')  # pylint: disable=consider-using-with
+  fcntl.flock(_worker_lock, fcntl.LOCK_SH)
+
+
+def _lock_output(out: str):
+  """Takes the output folder for this command; returns the open lock file (keep it open).
+
+  Waits for workers left by a killed command to exit before anything is touched.
+  """
+  run_lock = open(os.path.join(out, RUN_LOCK), 'a')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    run_lock.close()
+    raise RuntimeError(f'--output {out} is being written by another data_tools.convert '
+                       f'(it holds {os.path.join(out, RUN_LOCK)}); wait for it to finish') from None
+  with open(os.path.join(out, WORKERS_LOCK), 'a') as workers:
+    fcntl.flock(workers, fcntl.LOCK_EX)  # blocks while a killed run's worker still lives
+  return run_lock
+
+
 def _worker(args):
   job, out, labels, boxes = args
   record = convert_study(job, out, labels, boxes)
@@ -316,6 +357,14 @@ def run(input_root: str, out: str, workers: int, progress: bool = True) -> list[
   if not os.path.isdir(input_root):
     raise FileNotFoundError(f'--input {input_root} is not a folder')
   os.makedirs(out, exist_ok=True)
+  run_lock = _lock_output(out)
+  try:
+    return _run_locked(input_root, out, workers, progress)
+  finally:
+    run_lock.close()
+
+
+def _run_locked(input_root: str, out: str, workers: int, progress: bool) -> list[dict]:
   _clean_temporaries(out)
   jobs = discover(input_root)
   labels, boxes = read_labels(input_root), read_boxes(input_root)
@@ -345,7 +394,8 @@ def run(input_root: str, out: str, workers: int, progress: bool = True) -> list[
 
   crashed = []
   ctx = multiprocessing.get_context('spawn')
-  with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=ctx) as pool:
+  pool_args = {'mp_context': ctx, 'initializer': _worker_init, 'initargs': (out, os.getpid())}
+  with concurrent.futures.ProcessPoolExecutor(max(1, workers), **pool_args) as pool:
     futures = {pool.submit(_worker, a): a for a in args}
     for fut in concurrent.futures.as_completed(futures):
       try:
@@ -355,7 +405,7 @@ def run(input_root: str, out: str, workers: int, progress: bool = True) -> list[
   # A dead worker (a decoder crash, the OOM killer) breaks the whole pool: redo the unfinished
   # studies one process each, so only the study that crashes is recorded as failed.
   for a in crashed:
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(1, **pool_args) as pool:
       try:
         finish(pool.submit(_worker, a).result())
       except concurrent.futures.process.BrokenProcessPool:

@@ -223,6 +223,10 @@ def test_kill_minus_nine_then_resume_equals_clean_run(dataset, converted, tmp_pa
     time.sleep(0.02)
   proc.kill()
   proc.wait()
+  # The worker dies with the command: an orphan would go on writing studies under the rerun.
+  placed = sorted(os.listdir(os.path.join(out, 'volumes')))
+  time.sleep(2)
+  assert sorted(os.listdir(os.path.join(out, 'volumes'))) == placed
   subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   with open(os.path.join(out, convert.MANIFEST)) as f, \
        open(os.path.join(clean_out, convert.MANIFEST)) as g:
@@ -234,6 +238,18 @@ def test_kill_minus_nine_then_resume_equals_clean_run(dataset, converted, tmp_pa
       np.testing.assert_array_equal(
           volume_store.read_array(os.path.join(out, sub, study.uid)),
           volume_store.read_array(os.path.join(clean_out, sub, study.uid)))
+
+
+def test_a_second_command_on_the_same_output_is_refused(dataset, tmp_path):
+  import fcntl
+  root, _ = dataset
+  out = str(tmp_path / 'busy')
+  os.makedirs(out)
+  with open(os.path.join(out, convert.RUN_LOCK), 'a') as held:
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a running command holds it
+    with pytest.raises(RuntimeError, match='another data_tools.convert.*convert.lock'):
+      convert.run(root, out, workers=1, progress=False)
+  assert not os.path.exists(os.path.join(out, 'volumes'))  # nothing touched
 
 
 def test_uid_validation():
