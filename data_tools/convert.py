@@ -42,8 +42,10 @@ from cspine_jax import constants
 MANIFEST = 'manifest.jsonl'
 STATE_DIR = '.state'  # one finished record per study; the manifest is rebuilt from these
 FORMAT_VERSION = 1
-RUN_LOCK = '.convert.lock'  # held by the running command: one command per output folder
-WORKERS_LOCK = '.convert-workers.lock'  # held (shared) by every worker while it lives
+# Locks, in STATE_DIR: the running command holds RUN_LOCK (one command per output folder); every
+# worker holds WORKERS_LOCK shared while it lives.
+RUN_LOCK = os.path.join(STATE_DIR, 'convert.lock')
+WORKERS_LOCK = os.path.join(STATE_DIR, 'workers.lock')
 _UID_RE = re.compile(r'^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$')
 
 
@@ -282,6 +284,7 @@ def _lock_output(out: str):
 
   Waits for workers left by a killed command to exit before anything is touched.
   """
+  os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)
   run_lock = open(os.path.join(out, RUN_LOCK), 'a')  # pylint: disable=consider-using-with
   try:
     fcntl.flock(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

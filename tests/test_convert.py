@@ -244,7 +244,7 @@ def test_a_second_command_on_the_same_output_is_refused(dataset, tmp_path):
   import fcntl
   root, _ = dataset
   out = str(tmp_path / 'busy')
-  os.makedirs(out)
+  os.makedirs(os.path.dirname(os.path.join(out, convert.RUN_LOCK)))
   with open(os.path.join(out, convert.RUN_LOCK), 'a') as held:
     fcntl.flock(held, fcntl.LOCK_EX)  # as a running command holds it
     with pytest.raises(RuntimeError, match='another data_tools.convert.*convert.lock'):
