@@ -13,9 +13,10 @@ INPUT is an RSNA root (train_images/, test_images/, segmentations/, train.csv,
 train_bounding_boxes.csv; any may be missing) or a folder whose sub-folders are studies.
 Studies run in parallel processes (spawned: TensorStore is never used across fork). Each study is
 written under a temporary name and moved into place when complete; a rerun skips finished studies
-and retries failed ones, so `kill -9` at any time loses nothing. Workers die with the command (and
-a rerun waits for any that outlive it), and a second command on the same OUTPUT is refused. The command exits non-zero,
-after converting everything it can, when any study failed; the manifest says why.
+and retries failed ones, so `kill -9` at any time loses nothing: workers die with the command (a
+rerun waits for any that outlive it), and a second command on the same OUTPUT is refused. The
+command exits non-zero, after converting everything it can, when any study failed; the manifest
+says why.
 """
 from __future__ import annotations
 
