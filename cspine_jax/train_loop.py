@@ -52,8 +52,8 @@ def validate_config(config) -> None:
     raise ConfigError(f'config.ema_decay={config.ema_decay}: must be in [0, 1)')
   if not 0.0 <= float(config.get('label_smoothing', 0.0)) < 1.0:
     raise ConfigError(f'config.label_smoothing={config.label_smoothing}: must be in [0, 1)')
-  if float(config.get('mixup_alpha', 0.0)) < 0.0 or (
-      float(config.get('mixup_alpha', 0.0)) and train_lib.is_segmentation(config)):
+  mix_alpha = float(config.get('mixup_alpha', 0.0))
+  if mix_alpha < 0.0 or (mix_alpha and train_lib.is_segmentation(config)):
     raise ConfigError(f'config.mixup_alpha={config.mixup_alpha}: must be >= 0, and 0 for the '
                       'localizer (its per-voxel labels are not mixed)')
   if train_lib.is_segmentation(config):
