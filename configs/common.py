@@ -91,6 +91,9 @@ def get_config() -> config_dict.ConfigDict:
   config.model.pool = 'cls'
   config.model.patient_head = 'logit'
   config.model.distill_token = False
+  # > 0: a linear map of the patch tokens to this many channels, the student's side of feature
+  # distillation (the teacher CNN's last width; configs/vertebra_distill.py).
+  config.model.hint_dim = 0
   config.model.patch_embed_norm = False
   config.model.qkv_bias = True
   config.model.dropout = 0.0

@@ -29,4 +29,6 @@ def get_config():
   config.distill.alpha = 0.5
   config.distill.kind = 'hard'  # 'hard' | 'soft'
   config.distill.temperature = 1.0  # soft targets only
+  # Feature distillation (losses.feature_distillation_loss): weight of the hint term, 0 = off.
+  config.distill.feature_weight = 0.0
   return config

@@ -16,6 +16,13 @@
   The soft term is a cross-entropy, which differs from the KL divergence by
   the teacher's entropy, a constant for the student.
 
+* Feature distillation (FitNets' hints, Romero et al. 2015; for a ViT taught by a CNN, as
+  in DearKD / ViTKD): the student's patch tokens, mapped linearly to the teacher's channels
+  ("hint"), regress the teacher's last feature map, position by position. The two grids are
+  brought to the coarser one by average pooling; the teacher's vector at each position is
+  standardised over channels (its scale is the teacher's business). A dense target:
+  positions x channels numbers per crop where the logit terms give eight.
+
 `mask` arguments (batch,) weight examples (0 for padding) and the mean is
 over the examples with weight > 0.
 """
@@ -134,6 +141,45 @@ def distillation_loss(logits_cls: jax.Array, logits_dist: jax.Array,
     distill = fn(logits_dist, targets, mask, weight_labels=labels)
   total = (1.0 - alpha) * task + alpha * distill
   return total, {'task': task, 'distill': distill}
+
+
+def _pool_to(x: jax.Array, grid: tuple[int, ...]) -> jax.Array:
+  """(N, z, y, x, C) average-pooled to ``grid`` (each axis an integer multiple of it)."""
+  n, c = x.shape[0], x.shape[-1]
+  src = x.shape[1:4]
+  if any(s % g for s, g in zip(src, grid)):
+    raise ValueError(f'feature distillation: grid {src} is not a multiple of {grid}')
+  f = [s // g for s, g in zip(src, grid)]
+  x = x.reshape((n, grid[0], f[0], grid[1], f[1], grid[2], f[2], c))
+  return x.mean(axis=(2, 4, 6))
+
+
+def feature_distillation_loss(hint: jax.Array, teacher_map: jax.Array,
+                              mask: jax.Array | None = None) -> jax.Array:
+  """Mean squared error between the student's hint and the teacher's standardised map.
+
+  hint (..., gz, gy, gx, C) and teacher_map (..., tz, ty, tx, C) with the same leading axes
+  (batch, or batch x vertebrae) and channels; the finer grid is average-pooled to the coarser.
+  ``mask`` has the leading axes' shape (or a prefix of it: per example). Returns a scalar.
+  """
+  lead = hint.shape[:-4]
+  if teacher_map.shape[:-4] != lead or teacher_map.shape[-1] != hint.shape[-1]:
+    raise ValueError(f'feature distillation: student hint {hint.shape} and teacher map '
+                     f'{teacher_map.shape} differ in their leading axes or channels '
+                     '(config.model.hint_dim must be the teacher\'s last width)')
+  s = hint.astype(jnp.float32).reshape((-1,) + hint.shape[-4:])
+  t = jax.lax.stop_gradient(teacher_map.astype(jnp.float32)).reshape(
+      (-1,) + teacher_map.shape[-4:])
+  grid = tuple(min(a, b) for a, b in zip(s.shape[1:4], t.shape[1:4]))
+  s, t = _pool_to(s, grid), _pool_to(t, grid)
+  t = (t - t.mean(-1, keepdims=True)) / jnp.sqrt(t.var(-1, keepdims=True) + 1e-5)
+  per = ((s - t) ** 2).mean(axis=(1, 2, 3, 4)).reshape(lead)
+  if mask is None:
+    return per.mean()
+  m = mask.astype(jnp.float32)
+  m = m.reshape(m.shape + (1,) * (per.ndim - m.ndim))
+  m = jnp.broadcast_to(m, per.shape)
+  return (per * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None, *,

@@ -147,8 +147,8 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
                     ) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
   """The pure train step: (state, batch, teacher_params) -> (new state, metrics).
 
-  ``teacher`` (distillation): a pure function (teacher_params, images) -> logits, evaluated in the
-  same jitted step without gradients.
+  ``teacher`` (distillation): a pure function (teacher_params, images) -> its outputs ('logits',
+  and 'feature_map' for a CNN), evaluated in the same jitted step without gradients.
   """
   tx, schedule = make_optimizer(config)
   segment = is_segmentation(config)
@@ -159,6 +159,7 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
   use_distill = bool(distill and distill.get('teacher_workdir'))
   smoothing = float(config.get('label_smoothing', 0.0))
   mix_alpha = float(config.get('mixup_alpha', 0.0))
+  feature_weight = float(distill.get('feature_weight', 0.0)) if use_distill else 0.0
 
   def compute_loss(params, rest, micro, key, teacher_params):
     if mix_alpha:
@@ -185,12 +186,23 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
         parts = {**parts, 'token': tok}
       aux.update({f'loss_{k}': v for k, v in parts.items()})
     elif use_distill:
-      t_logits = teacher(teacher_params, micro['image'])
+      t_out = teacher(teacher_params, micro['image'])
       loss, parts = losses.distillation_loss(
           out['logits_cls'] if 'logits_cls' in out else out['logits'],
           out['logits_dist'] if 'logits_dist' in out else out['logits'],
-          labels, t_logits, alpha=float(distill.alpha), kind=distill.kind,
+          labels, t_out['logits'], alpha=float(distill.alpha), kind=distill.kind,
           temperature=float(distill.get('temperature', 1.0)), loss=config.loss, mask=mask)
+      if feature_weight:
+        if 'hint' not in out or 'feature_map' not in t_out:
+          raise ValueError('config.distill.feature_weight > 0 needs a student with '
+                           'config.model.hint_dim > 0 and a CNN teacher (its feature_map)')
+        # Padding examples and absent vertebrae do not count; labels are not needed.
+        f_mask = micro['mask'].astype(bool)
+        if 'vertebra_mask' in micro and out['hint'].ndim == 6:
+          f_mask = f_mask[:, None] & micro['vertebra_mask'].astype(bool)
+        parts['feature'] = losses.feature_distillation_loss(out['hint'], t_out['feature_map'],
+                                                            f_mask)
+        loss = loss + feature_weight * parts['feature']
       aux.update({f'loss_{k}': v for k, v in parts.items()})
     else:
       loss = loss_fn(out['logits'], labels, mask)
@@ -268,10 +280,11 @@ def make_segment_probs_fn(graphdef: nnx.GraphDef, use_ema: bool = False
                        lambda z: jax.nn.softmax(z.astype(jnp.float32), axis=-1))
 
 
-def make_logits_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Any, jax.Array], jax.Array]:
-  """(params, rest, images) -> logits: a frozen model (e.g. a distillation teacher)."""
+def make_teacher_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Any, jax.Array], dict]:
+  """(params, rest, images) -> {'logits', ['feature_map']}: a frozen distillation teacher."""
 
-  def logits(params, rest, images):
-    return nnx.merge(graphdef, params, rest)(images, deterministic=True)
+  def fn(params, rest, images):
+    out = nnx.merge(graphdef, params, rest).outputs(images, deterministic=True)
+    return {k: out[k] for k in ('logits', 'feature_map') if k in out}
 
-  return logits
+  return fn

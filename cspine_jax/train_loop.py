@@ -248,8 +248,16 @@ def _make_teacher(config, mesh):
       distill.teacher_workdir, distill.get('teacher_checkpoint', 'latest'), mesh)
   logging.info('distillation teacher: %s step %d (%s)', distill.teacher_workdir, t_step,
                t_config.model.name)
-  logits = train_lib.make_logits_fn(t_graphdef)
-  return (lambda tp, images: logits(tp[0], tp[1], images)), (t_state.params, t_state.rest)
+  if float(distill.get('feature_weight', 0.0)):
+    widths = t_config.model.get('widths') if t_config.model.get('name') == 'cnn3d' else None
+    if not widths or int(widths[-1]) != int(config.model.get('hint_dim', 0)):
+      raise ConfigError(
+          f'config.distill.feature_weight={distill.feature_weight} needs a 3D CNN teacher '
+          f'(model.name "cnn3d", its last width = config.model.hint_dim='
+          f'{config.model.get("hint_dim", 0)}); {distill.teacher_workdir} has model.name '
+          f'{t_config.model.get("name")!r}, widths {widths}')
+  outputs = train_lib.make_teacher_fn(t_graphdef)
+  return (lambda tp, images: outputs(tp[0], tp[1], images)), (t_state.params, t_state.rest)
 
 
 def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:

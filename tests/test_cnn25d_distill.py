@@ -7,9 +7,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from cspine_jax import checkpoint
+from cspine_jax import losses
 from cspine_jax import parallel
 from cspine_jax import train_lib
 from cspine_jax import train_loop
@@ -142,7 +144,7 @@ def test_distillation_step_with_a_restored_cnn_teacher(tmp_path):
   images = jax.random.normal(jax.random.key(5), (2, 7) + SHAPE + (1,))
   # The restored teacher is the saved one.
   want = nnx.merge(t_graphdef, t_state.params, t_state.rest)(images)
-  np.testing.assert_allclose(teacher(teacher_params, images), want, atol=1e-5)
+  np.testing.assert_allclose(teacher(teacher_params, images)['logits'], want, atol=1e-5)
 
   config.optimizer.warmup_steps = 0  # a non-zero learning rate at step 0
   model = train_lib.build_model(config, 0)
@@ -161,3 +163,61 @@ def test_distillation_step_with_a_restored_cnn_teacher(tmp_path):
     assert np.abs(after - before).max() > 0, name
   with open(os.path.join(teacher_dir, 'config.json')) as f:
     assert json.load(f)['model']['name'] == 'cnn3d'
+
+
+def test_feature_distillation_step_teaches_the_tokens_the_teachers_last_map(tmp_path):
+  teacher_dir = str(tmp_path / 'teacher')
+  t_graphdef, t_state = _write_teacher(teacher_dir)  # last map: 2x2x2 voxels x 8 channels
+  config = _student_config()
+  config.model.update(patch_size=(3, 4, 4), distill_token=False, hint_dim=8)  # 2x2x2 tokens
+  config.distill.update(teacher_workdir=teacher_dir, kind='soft', feature_weight=2.0)
+  config.optimizer.warmup_steps = 0
+  teacher, teacher_params = train_loop._make_teacher(config, parallel.make_mesh())  # pylint: disable=protected-access
+  images = jax.random.normal(jax.random.key(7), (2, 7) + SHAPE + (1,))
+  t_out = teacher(teacher_params, images)
+  want = nnx.merge(t_graphdef, t_state.params, t_state.rest).outputs(images)['feature_map']
+  assert t_out['feature_map'].shape == (2, 7, 2, 2, 2, 8)
+  np.testing.assert_allclose(t_out['feature_map'], want, atol=1e-5)
+
+  model = train_lib.build_model(config, 0)
+  graphdef, state = train_lib.init_state(config, model)
+  batch = {'image': images, 'labels': jnp.array([[1, 0, 1, 0, 0, 0, 0, 0]] * 2, jnp.float32),
+           'mask': jnp.ones((2,), jnp.float32),
+           'vertebra_mask': jnp.ones((2, 7), bool).at[1, 6].set(False)}
+  out = model.outputs(images)
+  feature = losses.feature_distillation_loss(out['hint'], t_out['feature_map'],
+                                             batch['vertebra_mask'])
+  step = jax.jit(train_lib.make_train_step(config, graphdef, teacher))
+  new_state, m = step(state, batch, teacher_params)
+  np.testing.assert_allclose(m['loss_feature'], feature, rtol=1e-5)
+  np.testing.assert_allclose(
+      m['loss'], 0.5 * m['loss_task'] + 0.5 * m['loss_distill'] + 2.0 * m['loss_feature'],
+      rtol=1e-5)
+  kernel = lambda s: nnx.merge(graphdef, s.params, s.rest).backbone.hint.kernel[...]  # noqa: E731
+  assert np.abs(kernel(new_state) - kernel(state)).max() > 0
+  # Twenty steps on the same batch: the tokens move towards the teacher's map.
+  for _ in range(20):
+    new_state, m = step(new_state, batch, teacher_params)
+  assert float(m['loss_feature']) < 0.7 * float(feature)
+
+
+def test_feature_distillation_without_a_hint_says_which_key():
+  config = _student_config()
+  config.distill.update(teacher_workdir='unused', feature_weight=1.0)
+  model = train_lib.build_model(config, 0)
+  graphdef, state = train_lib.init_state(config, model)
+  teacher = lambda tp, x: {'logits': jnp.zeros((x.shape[0], 8))}  # noqa: E731
+  batch = {'image': jnp.zeros((2, 7) + SHAPE + (1,)), 'labels': jnp.zeros((2, 8)),
+           'mask': jnp.ones((2,))}
+  with pytest.raises(ValueError, match='hint_dim'):
+    train_lib.make_train_step(config, graphdef, teacher)(state, batch, None)
+
+
+def test_feature_distillation_checks_the_teachers_width_first(tmp_path):
+  teacher_dir = str(tmp_path / 'teacher')
+  _write_teacher(teacher_dir)  # widths (4, 8)
+  config = _student_config()
+  config.model.hint_dim = 4
+  config.distill.update(teacher_workdir=teacher_dir, feature_weight=1.0)
+  with pytest.raises(train_loop.ConfigError, match=r'hint_dim=4.*widths \[4, 8\]'):
+    train_loop._make_teacher(config, parallel.make_mesh())  # pylint: disable=protected-access

@@ -163,3 +163,46 @@ def test_mixup_mixes_images_and_labels_with_the_same_weight():
   assert not np.allclose(img[:, 0, 0, 0, 0, 0], y[:, 0])  # something was mixed
   # The padded study (mask 0) invalidates itself and whichever study it was mixed into.
   assert np.asarray(out['mask']).sum() in (4, 5) and not np.asarray(out['mask'])[5]
+
+
+def test_feature_distillation_pools_standardises_and_masks_by_hand():
+  rng = np.random.default_rng(3)
+  # Student hint on a 2x2x2 grid, teacher map on 1x1x1 (so the student is pooled), 2 examples.
+  hint = rng.normal(size=(2, 2, 2, 2, 3)).astype(np.float32)
+  teacher = rng.normal(size=(2, 1, 1, 1, 3)).astype(np.float32) * 5 + 2
+  pooled = hint.mean(axis=(1, 2, 3))  # (2, 3)
+  t = teacher.reshape(2, 3)
+  t = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True) + 1e-5)
+  per = ((pooled - t) ** 2).mean(-1)
+  got = losses.feature_distillation_loss(jnp.asarray(hint), jnp.asarray(teacher))
+  np.testing.assert_allclose(got, per.mean(), rtol=1e-5)
+  got = losses.feature_distillation_loss(jnp.asarray(hint), jnp.asarray(teacher),
+                                         jnp.array([0.0, 1.0]))
+  np.testing.assert_allclose(got, per[1], rtol=1e-5)
+  # The other way round: a finer teacher map is pooled to the student's grid.
+  got = losses.feature_distillation_loss(jnp.asarray(teacher), jnp.asarray(hint))
+  h = hint.mean(axis=(1, 2, 3))
+  h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(got, ((teacher.reshape(2, 3) - h) ** 2).mean(), rtol=1e-5)
+
+
+def test_feature_distillation_is_zero_at_the_target_and_stops_at_the_teacher():
+  rng = np.random.default_rng(4)
+  teacher = jnp.asarray(rng.normal(size=(3, 7, 1, 2, 2, 4)).astype(np.float32) * 3 - 1)
+  t = (teacher - teacher.mean(-1, keepdims=True)) / jnp.sqrt(
+      teacher.var(-1, keepdims=True) + 1e-5)
+  hint = jnp.repeat(t, 2, axis=2)  # (3, 7, 2, 2, 2, 4): pools back to t
+  mask = jnp.ones((3, 7), bool).at[0, 3].set(False)
+  assert float(losses.feature_distillation_loss(hint, teacher, mask)) < 1e-10
+  g_s, g_t = jax.grad(lambda h, tm: losses.feature_distillation_loss(h + 0.5, tm, mask),
+                      argnums=(0, 1))(hint, teacher)
+  np.testing.assert_array_equal(g_t, 0.0)
+  assert float(jnp.abs(g_s).max()) > 0
+  np.testing.assert_array_equal(g_s[0, 3], 0.0)  # a masked-out vertebra gets no gradient
+
+
+def test_feature_distillation_says_what_does_not_fit():
+  with pytest.raises(ValueError, match='hint_dim'):
+    losses.feature_distillation_loss(jnp.zeros((2, 1, 1, 1, 8)), jnp.zeros((2, 1, 1, 1, 4)))
+  with pytest.raises(ValueError, match='not a multiple'):
+    losses.feature_distillation_loss(jnp.zeros((2, 3, 2, 2, 4)), jnp.zeros((2, 2, 2, 2, 4)))

@@ -133,7 +133,9 @@ class CNN3D(nnx.Module):
     pooled = h.astype(jnp.float32).mean(axis=(1, 2, 3))
     pooled = layers.dropout(pooled, self.dropout, rng, deterministic)
     features = self.final_norm(pooled)
-    return {'features': features, 'logits': self.head(features)}
+    # feature_map: the last stage before pooling, the target of feature distillation.
+    return {'features': features, 'logits': self.head(features),
+            'feature_map': h.astype(jnp.float32)}
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True,
                rng: jax.Array | None = None) -> jax.Array:

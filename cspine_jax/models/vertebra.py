@@ -80,13 +80,16 @@ class VertebraClassifier(nnx.Module):
     f = embed(out['features'])
     logits = self._combine(f, self.vertebra_head, self.level_bias[...],
                            getattr(self, 'patient', None))
+    # Per-crop maps of feature distillation (a CNN teacher's feature_map, a ViT student's hint).
+    maps = {k: out[k].reshape((b, NUM_LEVELS) + out[k].shape[1:])
+            for k in ('feature_map', 'hint') if k in out}
     if not self.distill_token:
-      return {'features': f, 'logits': logits}
+      return {'features': f, 'logits': logits, **maps}
     f_dist = embed(out['features_dist'])
     logits_dist = self._combine(f_dist, self.vertebra_head_dist, self.level_bias_dist[...],
                                 getattr(self, 'patient_dist', None))
     return {'features': f, 'features_dist': f_dist, 'logits_cls': logits,
-            'logits_dist': logits_dist, 'logits': 0.5 * (logits + logits_dist)}
+            'logits_dist': logits_dist, 'logits': 0.5 * (logits + logits_dist), **maps}
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True,
                rng: jax.Array | None = None) -> jax.Array:

@@ -9,6 +9,11 @@ Layout (pre-LN, as ViT / vit_pytorch's vit_3d):
   non-distillation tokens) -> LayerNorm -> Linear head -> 8 logits
   (patient_overall, C1..C7).
 
+`hint_dim=C` adds a linear map from each final patch token (after the final
+LayerNorm) to C channels, output as "hint" (B, gz, gy, gx, C): the student's
+side of feature distillation from a CNN's last feature map (losses.py,
+configs/vertebra_distill.py). Training only; prediction does not read it.
+
 `conv_stem=(c1, c2, ...)` puts 3^3 convolutions (stride 1, GroupNorm, GELU)
 before the patch embedding: a hybrid embedding, the small-data remedy of
 "Early convolutions help transformers see better" (Xiao et al. 2021): the
@@ -226,6 +231,7 @@ class ViT3D(nnx.Module):
       pool: str = 'cls',
       patient_head: str = 'logit',
       distill_token: bool = False,
+      hint_dim: int = 0,
       patch_embed_norm: bool = False,
       conv_stem: Sequence[int] = (),
       qkv_bias: bool = True,
@@ -312,6 +318,8 @@ class ViT3D(nnx.Module):
     self.head = heads.ClassifierHead(width, **head_kw)
     if distill_token:
       self.head_dist = heads.ClassifierHead(width, **head_kw)
+    self.hint = (nnx.Linear(width, int(hint_dim), dtype=jnp.float32, param_dtype=param_dtype,
+                            rngs=rngs) if hint_dim else None)
 
   def _check_input(self, x: jax.Array):
     if x.ndim != 5:
@@ -371,6 +379,10 @@ class ViT3D(nnx.Module):
       pooled = keep.astype(jnp.float32).mean(axis=1)
     features = self.final_norm(pooled.astype(jnp.float32))
     out = {'features': features}
+    if self.hint is not None:
+      grid = tuple(n // p for n, p in zip(x.shape[1:4], self.patch_size))
+      tokens = self.final_norm(h[:, self.num_prefix:].astype(jnp.float32))
+      out['hint'] = self.hint(tokens).reshape((h.shape[0],) + grid + (-1,))
     logits = self.head(features)
     if self.distill_token:
       features_dist = self.final_norm(h[:, 1].astype(jnp.float32))
