@@ -88,10 +88,24 @@ def test_im2col_conv_equals_xla_conv():
 def _student_config():
   from configs import vertebra_distill
   config = vertebra_distill.get_config()
+  # DeiT's DIST token, no feature term: the tests below switch them as they need.
   config.model.update(input_shape=SHAPE, patch_size=(2, 4, 4), width=16, depth=1, num_heads=2,
-                      mlp_dim=16)
+                      mlp_dim=16, distill_token=True, hint_dim=0)
+  config.distill.feature_weight = 0.0
   config.batch_size = 2
   return config
+
+
+def test_the_shipped_student_fits_the_shipped_teacher():
+  from configs import cnn_vertebra
+  from configs import vertebra_distill
+  student, teacher = vertebra_distill.get_config(), cnn_vertebra.get_config()
+  assert student.model.hint_dim == teacher.model.widths[-1]
+  assert tuple(student.data.input_shape) == tuple(teacher.data.input_shape)
+  # The student's 4x6x6 tokens pool onto the teacher's last 2x3x3 map (stem and two strides 2).
+  grid = [n // p for n, p in zip(student.data.input_shape, student.model.patch_size)]
+  t_grid = [n // (teacher.model.stem_stride * 4) for n in teacher.data.input_shape]
+  assert all(g % t == 0 for g, t in zip(grid, t_grid)), (grid, t_grid)
 
 
 def test_vertebra_distill_token_outputs():
@@ -203,7 +217,7 @@ def test_feature_distillation_step_teaches_the_tokens_the_teachers_last_map(tmp_
 
 def test_feature_distillation_without_a_hint_says_which_key():
   config = _student_config()
-  config.distill.update(teacher_workdir='unused', feature_weight=1.0)
+  config.distill.update(teacher_workdir='unused', feature_weight=1.0)  # hint_dim 0
   model = train_lib.build_model(config, 0)
   graphdef, state = train_lib.init_state(config, model)
   teacher = lambda tp, x: {'logits': jnp.zeros((x.shape[0], 8))}  # noqa: E731

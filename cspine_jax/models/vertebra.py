@@ -11,6 +11,8 @@ With a DeiT distillation token in the backbone (``backbone.distill_token``), the
 their own vertebra head, level bias (and patient head): 'logits_cls' and 'logits_dist' are the
 8 logits from each token, for the two terms of the distillation loss, and 'logits' is their mean
 (DeiT's inference rule). The level embedding is shared: it says which vertebra, not which token.
+The backbone's per-crop maps for feature distillation (a CNN's 'feature_map', a ViT's 'hint')
+pass through as (B, 7, z, y, x, C).
 """
 from __future__ import annotations
 
