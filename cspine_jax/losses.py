@@ -174,12 +174,9 @@ def feature_distillation_loss(hint: jax.Array, teacher_map: jax.Array,
   s, t = _pool_to(s, grid), _pool_to(t, grid)
   t = (t - t.mean(-1, keepdims=True)) / jnp.sqrt(t.var(-1, keepdims=True) + 1e-5)
   per = ((s - t) ** 2).mean(axis=(1, 2, 3, 4)).reshape(lead)
-  if mask is None:
-    return per.mean()
-  m = mask.astype(jnp.float32)
-  m = m.reshape(m.shape + (1,) * (per.ndim - m.ndim))
-  m = jnp.broadcast_to(m, per.shape)
-  return (per * m).sum() / jnp.maximum(m.sum(), 1.0)
+  if mask is not None:  # per example or per crop: broadcast over the trailing leading axes
+    mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (per.ndim - mask.ndim)), per.shape)
+  return _masked_mean(per, mask)
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None, *,
