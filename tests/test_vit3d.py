@@ -275,7 +275,7 @@ def test_conv_stem_feeds_the_patch_embedding_and_trains():
   def loss(p):
     return jnp.sum(nnx.merge(graphdef, p)(x) ** 2)
 
-  g = jax.grad(loss)(params)
+  g = jax.jit(jax.grad(loss))(params)
   stem_grad = g['stem']['convs'][0]['kernel'][...]
   assert float(jnp.abs(stem_grad).sum()) > 0  # the stem is on the path to the logits
   plain = build_model(kw, 0)
