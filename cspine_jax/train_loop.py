@@ -52,6 +52,9 @@ def validate_config(config) -> None:
     raise ConfigError(f'config.ema_decay={config.ema_decay}: must be in [0, 1)')
   if not 0.0 <= float(config.get('label_smoothing', 0.0)) < 1.0:
     raise ConfigError(f'config.label_smoothing={config.label_smoothing}: must be in [0, 1)')
+  box_prob = float(config.data.get('vertebra_predicted_box_prob', 0.0))
+  if not 0.0 <= box_prob <= 1.0:
+    raise ConfigError(f'config.data.vertebra_predicted_box_prob={box_prob}: must be in [0, 1]')
   mix_alpha = float(config.get('mixup_alpha', 0.0))
   if mix_alpha < 0.0 or (mix_alpha and train_lib.is_segmentation(config)):
     raise ConfigError(f'config.mixup_alpha={config.mixup_alpha}: must be >= 0, and 0 for the '

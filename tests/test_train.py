@@ -160,6 +160,13 @@ def test_bad_config_values_name_the_key(smoke_config, tmp_path, key, value, mess
     train_loop.train_and_evaluate(smoke_config, str(tmp_path / 'w'), progress=False)
 
 
+def test_bad_predicted_box_rate_names_the_key(smoke_config, tmp_path):
+  from cspine_jax import train_loop
+  smoke_config.data.vertebra_predicted_box_prob = 1.5
+  with pytest.raises(train_loop.ConfigError, match=r'config.data.vertebra_predicted_box_prob=1.5'):
+    train_loop.train_and_evaluate(smoke_config, str(tmp_path / 'w'), progress=False)
+
+
 def test_missing_dataset_is_a_clear_error(smoke_config, tmp_path):
   from cspine_jax import train_loop
   smoke_config.data.root = str(tmp_path / 'nothing')

@@ -1,4 +1,6 @@
 """Crop geometry, resampling, windows and augmentation of cspine_jax.data (no Grain pipeline)."""
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -188,6 +190,44 @@ def test_vertebra_crops_centre_on_each_vertebra(spine):
   c, _ = transforms.make_vertebra_crops(reader, study, cfg, np.random.default_rng(6))
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a[present], c[present])
+
+
+def test_training_crops_at_predicted_boxes_at_the_given_rate(spine):
+  """vertebra_predicted_box_prob: per vertebra, the localizer's box instead of the mask's."""
+  study, = manifest.load_manifest(spine)
+  # "Predicted" boxes: the true ones moved 2 voxels in y (x for C3), none for C5.
+  pred = {}
+  for name, (z0, y0, x0, z1, y1, x1) in study.vertebra_boxes.items():
+    if name != 'C5':
+      dy, dx = (0, 2) if name == 'C3' else (2, 0)
+      pred[name] = (z0, y0 + dy, x0 + dx, z1, y1 + dy, x1 + dx)
+  study = dataclasses.replace(study, predicted_vertebra_boxes=pred)
+  cfg = _cfg(root=spine, vertebra_shape=(8, 16, 16), vertebra_spacing_mm=(1.0, 1.0, 1.0))
+  reader = sources.VolumeReader(spine, cache_bytes=8 << 20)
+  at_true, _ = transforms.make_vertebra_crops(reader, study, cfg)
+  as_predicted = dataclasses.replace(study, vertebra_boxes={**study.vertebra_boxes, **pred})
+  at_pred, _ = transforms.make_vertebra_crops(reader, as_predicted, cfg)
+  moved = [v for v in range(7) if not np.allclose(at_true[v], at_pred[v])]
+  assert moved == [0, 1, 2, 3, 5, 6]  # every vertebra with a predicted box, not C5
+  # Evaluation (no rng) and probability 0 keep the mask's boxes.
+  cfg.vertebra_predicted_box_prob = 1.0
+  np.testing.assert_array_equal(transforms.make_vertebra_crops(reader, study, cfg)[0], at_true)
+  cfg.vertebra_predicted_box_prob = 0.0
+  got, _ = transforms.make_vertebra_crops(reader, study, cfg, np.random.default_rng(0))
+  np.testing.assert_array_equal(got, at_true)
+  cfg.vertebra_predicted_box_prob = 1.0
+  got, _ = transforms.make_vertebra_crops(reader, study, cfg, np.random.default_rng(0))
+  np.testing.assert_array_equal(got, at_pred)
+  # At 0.5 each vertebra draws on its own: both kinds occur, at about half the crops.
+  cfg.vertebra_predicted_box_prob = 0.5
+  from_pred = []
+  for seed in range(40):
+    got, _ = transforms.make_vertebra_crops(reader, study, cfg, np.random.default_rng(seed))
+    for v in moved:
+      is_pred = np.array_equal(got[v], at_pred[v])
+      assert is_pred or np.array_equal(got[v], at_true[v])
+      from_pred.append(is_pred)
+  assert 0.35 < np.mean(from_pred) < 0.65, np.mean(from_pred)
 
 
 def test_intensity_jitter_bounds_and_padding():

@@ -67,6 +67,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.vertebra_spacing_mm = (1.0, 1.0, 1.0)
   c.vertebra_fit_to_box = False
   c.vertebra_margin_mm = 8.0
+  # Training only: the chance, per vertebra and crop, of cropping a study that has a true mask
+  # at the localizer's predicted box instead (where it has one). Evaluation and prediction crop
+  # at predicted boxes, whose errors (several mm, fractured vertebrae the worst) a model trained
+  # on true boxes alone never sees. 0 = always the true box (every run before this key).
+  c.vertebra_predicted_box_prob = 0.0
 
   # --- Intensities --------------------------------------------------------------------------
   # HU windows (center, width), one output channel each, mapped linearly to [0, 1] and clipped.

@@ -103,11 +103,14 @@ def make_volume_crop(reader: sources.VolumeReader, study, cfg, rng=None):
   return image, seg
 
 
-def vertebra_crop_maps(study, cfg, augments=None):
-  """Seven ``CropMap``s (None where the vertebra has no box), one per C1..C7."""
+def vertebra_crop_maps(study, cfg, augments=None, boxes=None):
+  """Seven ``CropMap``s (None where the vertebra has no box), one per C1..C7.
+
+  ``boxes``: the vertebra boxes to crop at (default ``study.boxes``: true, else predicted).
+  """
   a_mm = geometry.mm_to_index(study.spacing_mm, study.direction, cfg.canonical_orientation)
   shape = tuple(cfg.vertebra_shape)
-  boxes = study.boxes
+  boxes = study.boxes if boxes is None else boxes
   maps = []
   for v, name in enumerate(constants.VERTEBRAE):
     if name not in boxes:
@@ -143,19 +146,37 @@ def make_region_crop(reader: sources.VolumeReader, study, cfg, rng=None,
   return image, seg
 
 
+def _training_boxes(study, cfg, rng) -> dict | None:
+  """Per vertebra, the predicted box instead of the true one with ``vertebra_predicted_box_prob``.
+
+  None (= ``study.boxes``) without an rng or at probability 0, so that those streams draw
+  nothing extra; otherwise seven draws, always, whatever the study has.
+  """
+  prob = float(cfg.vertebra_predicted_box_prob)
+  if rng is None or prob <= 0.0:
+    return None
+  use_predicted = rng.random(NUM_VERTEBRAE) < prob
+  boxes = dict(study.boxes)
+  for v, name in enumerate(constants.VERTEBRAE):
+    if use_predicted[v] and name in study.predicted_vertebra_boxes:
+      boxes[name] = study.predicted_vertebra_boxes[name]
+  return boxes
+
+
 def make_vertebra_crops(reader: sources.VolumeReader, study, cfg, rng=None):
   """Per-vertebra crops: ((7, z, y, x) float32 HU, (7,) bool present).
 
   Crop v is centred on vertebra C(v+1)'s box at ``vertebra_spacing_mm`` (or stretched onto
   ``vertebra_shape`` with ``vertebra_margin_mm`` context when ``vertebra_fit_to_box``); absent
   vertebrae (no true or predicted box) are zeros with present=False. With ``rng``, each crop
-  gets its own spatial augmentation (seven draws, always, so streams stay aligned).
+  gets its own spatial augmentation (seven draws, always, so streams stay aligned), and, with
+  ``vertebra_predicted_box_prob``, its box from the localizer instead of the mask at that rate.
   """
   shape = tuple(cfg.vertebra_shape)
   augments = None
   if _augment_on(cfg, rng):
     augments = [_augment(cfg, rng) for _ in range(NUM_VERTEBRAE)]
-  maps = vertebra_crop_maps(study, cfg, augments)
+  maps = vertebra_crop_maps(study, cfg, augments, _training_boxes(study, cfg, rng))
   out = np.zeros((NUM_VERTEBRAE,) + shape, np.float32)
   present = np.zeros(NUM_VERTEBRAE, bool)
   read = reader.reader_for(sources.VOLUMES, study.uid)
