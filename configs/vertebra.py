@@ -10,10 +10,11 @@ on 2 CPU cores, 17.6 samples/s). Trained on every labelled study with true or pr
 On the demo data (two-stage boxes, 24 held-out studies, constant 0.546): RSNA 0.257, mean AUC
 0.96; at 400 steps it was 0.343 (mean AUC 0.92: still underfitting the training set, loss ~0.3),
 so the longer schedule is this ViT's small-data recipe (not longer still: 0.380 at 1600 steps,
-overfitting; nor stronger augmentation alone: 0.412). Behind the 3D CNN of
-configs/cnn_vertebra.py (0.189 at 800 steps, configs/demo.py's classifier), and behind this ViT
-taught by that CNN for 3200 steps (configs/vertebra_distill.py: 0.158, ahead of its teacher, at
-the cost of the teacher's run plus ~37 minutes): README "Model comparison".
+overfitting; nor stronger augmentation alone: 0.412; both together, 3200 steps of strong
+augmentation, scored 0.179 on one seed, ~24 minutes: not the default until replicated).
+Behind the 3D CNN of configs/cnn_vertebra.py (0.189 at 800 steps, configs/demo.py's classifier),
+and behind this ViT taught by that CNN for 3200 steps (configs/vertebra_distill.py: 0.158, ahead
+of its teacher, at the cost of the teacher's run plus ~37 minutes): README "Model comparison".
 """
 from configs import common
 

@@ -1,7 +1,7 @@
 r"""The per-vertebra ViT taught by a CNN of this repo: consistent teaching on strongly augmented crops.
 
   python -m cspine_jax.train --config=configs/cnn_vertebra.py --workdir=runs/cnn \
-      --config.data.root=/data/cspine                                   # the teacher first
+      --config.data.root=/data/cspine --config.total_steps=800          # the teacher first
   python -m cspine_jax.train --config=configs/vertebra_distill.py --workdir=runs/distill \
       --config.data.root=/data/cspine --config.distill.teacher_workdir=runs/cnn
   # DeiT's variants: --config.model.distill_token=True [--config.distill.kind=hard]
@@ -14,16 +14,18 @@ targets), soft (sigmoid(teacher / T), T^2-scaled) or hard (teacher's p > 0.5), p
 `feature_weight` x the feature term (the student's patch tokens, mapped to the teacher's 64
 channels by `model.hint_dim`, regress the CNN's last feature map).
 
-The recipe (README "Model comparison", 48 studies, 24 held-out): the teacher labels crops that
-the labels cannot, so the augmentation is strong (6 mm jitter, 15 degrees, 20% zoom: on such
-crops the ViT alone scores 0.412 at 800 steps), and the schedule is patient: 3200 steps. The
-student's score fell with every doubling, 0.344 (800 steps) -> 0.249 (1600) -> 0.158 (3200,
-mean AUC 1.00, patient AUC 1.00), past its teacher's 0.189, where the ViT alone peaks at 800
-steps (0.257 / 0.307 over two seeds) and overfits at 1600 (0.380). The feature term carries it:
-without it the 1600-step run scored 0.334 (0.249 with it; weight 3: 0.283). One head learns
-from both targets (`model.distill_token=False`): with mean pooling, DeiT's DIST token is a
-single-token readout beside a mean-pooled one and scored worse here. ~37 minutes on 2 CPU cores
-(the teacher's forward pass is in every step; ~12 samples/s).
+The recipe (README "Model comparison", 48 studies, 24 held-out): the teacher labels crops that the
+labels cannot, so the augmentation is strong (6 mm jitter, 15 degrees, 20% zoom: on such crops the
+ViT alone scores 0.412 at 800 steps), and the schedule is patient: 3200 steps. The student's score
+fell with every doubling, 0.344 (800 steps) -> 0.249 (1600) -> 0.158 (3200, mean AUC 1.00, patient
+AUC 1.00; seed 1: 0.157), past its teacher's 0.189 (the 800-step CNN above), where the ViT alone
+peaks at 800 steps (0.257 / 0.307 over two seeds) and overfits at 1600 (0.380). With the same
+augmentation and 3200 steps the ViT alone scored 0.179: the recipe is most of the gain, the teacher
+adds ~0.02 and perfect ranking (mean AUC 1.00 against 0.98). The feature term carries it: without it
+the 1600-step run scored 0.334 (0.249 with it; weight 3: 0.283). One head learns from both targets
+(`model.distill_token=False`): with mean pooling, DeiT's DIST token is a single-token readout beside
+a mean-pooled one and scored worse here. ~37 minutes on 2 CPU cores (the teacher's forward pass is
+in every step; ~12 samples/s).
 """
 from ml_collections import config_dict
 
