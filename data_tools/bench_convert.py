@@ -4,11 +4,11 @@ r"""Benchmark: our converter against SimpleITK's series reader writing compresse
 
 Generates (or reuses, with --input) RSNA-shaped studies, then, back to back on the same studies
 and the same number of worker processes:
-  ours:      python -m data_tools.convert (decode, sort, HU, zarr3 blosc-zstd shards)
+  ours:      python -m data_tools.convert (decode, sort, HU, zarr3 blosc-lz4 shards)
   simpleitk: ImageSeriesReader (GDCM) -> sitk.WriteImage(.nii.gz), the usual PyTorch-side step
 Each side runs in its own process tree; peak RSS is the largest of that tree's processes.
 ``--chunks`` also measures random-crop reads for several zarr3 chunk shapes (the choice of
-data_tools.volume_store.READ_CHUNK). The last line is JSON.
+cspine_jax.data.store.READ_CHUNK). The last line is JSON.
 """
 from __future__ import annotations
 
@@ -97,18 +97,20 @@ def bench_chunks(volume_path: str, scratch: str, crops: int = 40) -> dict:
   """Random 64^3 and 96^3 crop reads (cold cache) for several inner chunk shapes."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
-  from data_tools import volume_store  # pylint: disable=g-import-not-at-top
-  vol = volume_store.read_array(volume_path)
+  # Imported here, not at the top: the SimpleITK side's spawned workers import this module, and
+  # TensorStore/SciPy would add to the peak RSS measured for them.
+  from cspine_jax.data import store  # pylint: disable=g-import-not-at-top
+  vol = store.read_array(volume_path)
   results = {}
   for chunk in ((16, 64, 64), (32, 64, 64), (32, 128, 128), (64, 64, 64)):
     path = os.path.join(scratch, 'chunks_' + 'x'.join(map(str, chunk)))
-    store = ts.open(volume_store.spec(path, vol.shape, vol.dtype, {}, read_chunk=chunk),
+    array = ts.open(store.spec(path, vol.shape, vol.dtype, {}, read_chunk=chunk),
                     create=True).result()
-    store.write(vol).result()
+    array.write(vol).result()
     rng = np.random.default_rng(0)
     row = {}
     for crop in (64, 96):
-      arr = volume_store.open_array(path, ts.Context({'cache_pool': {'total_bytes_limit': 0}}))
+      arr = store.open_array(path, ts.Context({'cache_pool': {'total_bytes_limit': 0}}))
       starts = [[rng.integers(0, n - crop + 1) for n in vol.shape] for _ in range(crops)]
       t = time.perf_counter()
       for s in starts:
@@ -141,7 +143,8 @@ def main(argv):
                          seg_fraction=0.5, workers=FLAGS.workers)
     result = bench_convert(root, FLAGS.workers, scratch)
     if FLAGS.chunks:
-      vols = os.path.join(scratch, 'ours', 'volumes')
+      from cspine_jax.data import store  # pylint: disable=g-import-not-at-top
+      vols = os.path.join(scratch, 'ours', store.VOLUMES)
       result['chunks'] = bench_chunks(os.path.join(vols, sorted(os.listdir(vols))[0]), scratch)
     print(f'ours {result["ours_slices_per_s"]} slices/s vs SimpleITK->nii.gz '
           f'{result["simpleitk_slices_per_s"]} slices/s: {result["speedup"]}x')

@@ -24,13 +24,10 @@ import concurrent.futures
 import csv
 import ctypes
 import fcntl
-import json
 import multiprocessing
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 
 from absl import app
@@ -39,9 +36,9 @@ from absl import logging
 import numpy as np
 
 from cspine_jax import constants
+from cspine_jax.data import store
 
-MANIFEST = 'manifest.jsonl'
-STATE_DIR = '.state'  # one finished record per study; the manifest is rebuilt from these
+STATE_DIR = store.CONVERT_STATE  # one finished record per study; the manifest is rebuilt from them
 FORMAT_VERSION = 1
 # Locks, in STATE_DIR: the running command holds RUN_LOCK (one command per output folder); every
 # worker holds WORKERS_LOCK shared while it lives.
@@ -75,7 +72,7 @@ def discover(root: str) -> list[dict]:
       folders += [(name, split, os.path.join(base, name)) for name in sorted(os.listdir(base))]
   else:
     folders = [(name, 'test', os.path.join(root, name)) for name in sorted(os.listdir(root))]
-  seg_dir = os.path.join(root, 'segmentations')
+  seg_dir = os.path.join(root, store.INPUT_SEGMENTATIONS)
   jobs = []
   for name, split, folder in folders:
     if name.startswith('.') or not os.path.isdir(folder):
@@ -117,16 +114,6 @@ def read_boxes(root: str) -> dict[str, list[dict]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _vertebra_boxes(mask: np.ndarray) -> dict[str, list[int]]:
-  """{"C1": [z0, y0, x0, z1, y1, x1], ...} (end-exclusive) for the labels present, in one pass."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
-  boxes = {}
-  for i, sl in enumerate(ndimage.find_objects(mask, max_label=len(constants.VERTEBRAE))):
-    if sl is not None:
-      boxes[constants.VERTEBRAE[i]] = [s.start for s in sl] + [s.stop for s in sl]
-  return boxes
-
-
 def _fracture_boxes(rows, slice_files, warnings) -> list[dict]:
   """Maps RSNA boxes (slice_number = file name's InstanceNumber) to volume indices."""
   by_number = {}
@@ -148,19 +135,12 @@ def _fracture_boxes(rows, slice_files, warnings) -> list[dict]:
   return out
 
 
-def _place(tmp: str, final: str) -> None:
-  """Moves a finished array into place, replacing what a killed run may have left."""
-  if os.path.exists(final):
-    shutil.rmtree(final)
-  os.replace(tmp, final)
-
-
 def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dict]) -> dict:
   """Converts one study; returns its manifest record (status "ok" or the error)."""
-  # Imported here: workers are spawned, and the parent never touches TensorStore.
+  # Imported here: the decoders are the workers' business (workers are spawned, and the parent
+  # never opens a TensorStore context or array).
   from data_tools import dicom  # pylint: disable=g-import-not-at-top
   from data_tools import nifti  # pylint: disable=g-import-not-at-top
-  from data_tools import volume_store  # pylint: disable=g-import-not-at-top
 
   uid = job['uid']
   record = {'uid': uid if is_valid_uid(uid) else _safe_label(uid), 'split': job['split'],
@@ -168,7 +148,6 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
   if not is_valid_uid(uid):
     record['status'] = 'error: the study folder name is not a valid DICOM StudyInstanceUID'
     return record
-  tmp_dirs = []
   try:
     series = dicom.read_series(job['folder'])
     warnings = record['warnings']
@@ -216,36 +195,23 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
         warnings.append(f'{seg_name}: unreadable NIfTI ({type(e).__name__}: {e}); ignored')
         mask = None
 
-    for sub in ('volumes', 'segmentations'):
-      os.makedirs(os.path.join(out, sub), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f'.tmp-{uid}-', dir=os.path.join(out, 'volumes'))
-    tmp_dirs.append(tmp)
-    shutil.rmtree(tmp)  # TensorStore creates the array folder itself
-    volume_store.write_array(tmp, series.hu, attrs)
+    for kind in (store.VOLUMES, store.SEGMENTATIONS):
+      os.makedirs(os.path.join(out, kind), exist_ok=True)
+    # Each array is written under a temporary name and placed whole; the volume goes last, so a
+    # placed volume means the study's arrays are complete.
     if mask is not None:
-      seg_tmp = tempfile.mkdtemp(prefix=f'.tmp-{uid}-', dir=os.path.join(out, 'segmentations'))
-      tmp_dirs.append(seg_tmp)
-      shutil.rmtree(seg_tmp)
-      volume_store.write_array(seg_tmp, mask, {**attrs, 'units': 'label',
-                                               'labels': {'0': 'background', **{
-                                                   str(i + 1): v for i, v in
-                                                   enumerate(constants.VERTEBRAE)}}})
+      store.put_array(out, store.SEGMENTATIONS, uid, mask, {
+          **attrs, 'units': 'label', 'labels': {'0': 'background', **{
+              str(i + 1): v for i, v in enumerate(constants.VERTEBRAE)}}})
       record['has_segmentation'] = True
-      record['vertebra_boxes'] = _vertebra_boxes(mask)
-      _place(seg_tmp, os.path.join(out, 'segmentations', uid))
+      record['vertebra_boxes'] = store.vertebra_boxes(mask)
     else:
-      stale = os.path.join(out, 'segmentations', uid)
-      if os.path.exists(stale):
-        shutil.rmtree(stale)
-    _place(tmp, os.path.join(out, 'volumes', uid))
+      store.remove_array(out, store.SEGMENTATIONS, uid)  # a mask an earlier run kept
+    store.put_array(out, store.VOLUMES, uid, series.hu, attrs)
   except dicom.StudyError as e:
     record = _failed(record, str(e))
   except Exception as e:  # pylint: disable=broad-except
     record = _failed(record, f'internal error ({type(e).__name__}: {e})')
-  finally:
-    for d in tmp_dirs:
-      if os.path.exists(d):
-        shutil.rmtree(d, ignore_errors=True)
   return record
 
 
@@ -255,10 +221,8 @@ def _failed(record: dict, message: str) -> dict:
 
 
 def _remove_outputs(out: str, uid: str) -> None:
-  for sub in ('volumes', 'segmentations'):
-    path = os.path.join(out, sub, uid)
-    if os.path.exists(path):
-      shutil.rmtree(path)
+  for kind in (store.VOLUMES, store.SEGMENTATIONS):
+    store.remove_array(out, kind, uid)
 
 
 _worker_lock = None  # the worker's open WORKERS_LOCK: held until the process exits
@@ -304,55 +268,16 @@ def _worker(args):
   if is_valid_uid(job['uid']):  # an invalid name never becomes a path
     if record['status'] != 'ok':
       _remove_outputs(out, job['uid'])
-    _save_state(out, record)
+    store.JobRecords(out, STATE_DIR).save(record)
   return record
-
-
-def _atomic_write(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=os.path.dirname(path))
-  with os.fdopen(fd, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def _save_state(out: str, record: dict) -> None:
-  os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)
-  _atomic_write(os.path.join(out, STATE_DIR, record['uid'] + '.json'),
-                json.dumps(record, sort_keys=True))
-
-
-def _load_state(out: str, uid: str) -> dict | None:
-  try:
-    with open(os.path.join(out, STATE_DIR, uid + '.json')) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def _done(out: str, record: dict | None) -> bool:
   if not record or record.get('status') != 'ok':
     return False
   uid = record['uid']
-  need = [os.path.join(out, 'volumes', uid, 'zarr.json')]
-  if record.get('has_segmentation'):
-    need.append(os.path.join(out, 'segmentations', uid, 'zarr.json'))
-  return all(os.path.isfile(p) for p in need)
-
-
-def write_manifest(out: str, records: list[dict]) -> None:
-  lines = [json.dumps(r, sort_keys=True) for r in sorted(records, key=lambda r: r['uid'])]
-  _atomic_write(os.path.join(out, MANIFEST), ''.join(l + '\n' for l in lines))
-
-
-def _clean_temporaries(out: str) -> None:
-  """Removes what a killed run left half-written."""
-  for sub in ('volumes', 'segmentations', STATE_DIR, '.'):
-    folder = os.path.join(out, sub)
-    if os.path.isdir(folder):
-      for name in os.listdir(folder):
-        if name.startswith('.tmp-'):
-          path = os.path.join(folder, name)
-          shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  need = [store.VOLUMES] + ([store.SEGMENTATIONS] if record.get('has_segmentation') else [])
+  return all(store.array_exists(out, kind, uid) for kind in need)
 
 
 def run(input_root: str, out: str, workers: int, progress: bool = True) -> list[dict]:
@@ -369,12 +294,13 @@ def run(input_root: str, out: str, workers: int, progress: bool = True) -> list[
 
 
 def _run_locked(input_root: str, out: str, workers: int, progress: bool) -> list[dict]:
-  _clean_temporaries(out)
+  store.clean_temporaries(out, (store.VOLUMES, store.SEGMENTATIONS, STATE_DIR))
   jobs = discover(input_root)
   labels, boxes = read_labels(input_root), read_boxes(input_root)
+  job_records = store.JobRecords(out, STATE_DIR)
   records, todo = {}, []
   for job in jobs:
-    state = _load_state(out, job['uid']) if is_valid_uid(job['uid']) else None
+    state = job_records.load(job['uid']) if is_valid_uid(job['uid']) else None
     if _done(out, state):
       records[job['uid']] = state
     else:
@@ -393,7 +319,7 @@ def _run_locked(input_root: str, out: str, workers: int, progress: bool) -> list
     if bar:
       bar.update(1)
     if time.monotonic() - last_manifest > 30:  # a killed run still leaves a useful manifest
-      write_manifest(out, list(records.values()))
+      store.write_manifest(out, list(records.values()))
       last_manifest = time.monotonic()
 
   crashed = []
@@ -417,12 +343,12 @@ def _run_locked(input_root: str, out: str, workers: int, progress: bool) -> list
         record = {'uid': job['uid'], 'split': job['split'], 'warnings': [], 'labels': a[2],
                   'format_version': FORMAT_VERSION,
                   'status': 'error: the conversion process crashed on this study'}
-        _save_state(out, record)
+        job_records.save(record)
         finish(record)
   if bar:
     bar.close()
   result = [records[j['uid']] for j in jobs if j['uid'] in records]
-  write_manifest(out, result)
+  store.write_manifest(out, result)
   return result
 
 
@@ -452,7 +378,7 @@ def main(argv):
   slices = sum(r.get('source_slices', 0) for r in records if r['status'] == 'ok')
   print(f'{ok} studies converted ({slices} slices), {len(failed)} failed, '
         f'{sum(len(r["warnings"]) for r in records)} warnings, in {time.time() - start:.1f} s '
-        f'-> {os.path.join(FLAGS.output, MANIFEST)}')
+        f'-> {store.manifest_path(FLAGS.output)}')
   for r in failed:
     print(f'FAILED {r["uid"]}: {r["status"][len("error: "):]}')
   if failed:

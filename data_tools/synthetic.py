@@ -29,6 +29,7 @@ from absl import flags
 import numpy as np
 
 from cspine_jax import constants
+from cspine_jax.data import store
 from data_tools import phantom as phantom_lib
 
 CT_IMAGE_STORAGE = '1.2.840.10008.5.1.4.1.1.2'
@@ -316,8 +317,8 @@ def write_study(study: Study, output: str, split: str = 'train', seg_layout=None
     write_series(study, tmp)
     os.replace(tmp, final)
   if seg_layout is not None:
-    os.makedirs(os.path.join(output, 'segmentations'), exist_ok=True)
-    seg = os.path.join(output, 'segmentations', f'{study.uid}.nii')
+    os.makedirs(os.path.join(output, store.INPUT_SEGMENTATIONS), exist_ok=True)
+    seg = os.path.join(output, store.INPUT_SEGMENTATIONS, f'{study.uid}.nii')
     if not os.path.exists(seg):
       tmp = seg + '.tmp.nii'
       write_nifti(study, tmp, seg_layout)
@@ -339,7 +340,7 @@ def _write_one(args) -> dict:
 def generate(output: str, studies: int, size: int = 64, seed: int = 0, test_studies: int = 1,
              seg_fraction: float = 0.6, workers: int = 1) -> list[dict]:
   """Writes the whole dataset; returns one record per study (uid, split, labels, boxes)."""
-  for sub in ('train_images', 'test_images', 'segmentations'):
+  for sub in ('train_images', 'test_images', store.INPUT_SEGMENTATIONS):
     os.makedirs(os.path.join(output, sub), exist_ok=True)
   n_seg = int(round(seg_fraction * studies)) if studies > 1 else studies
   jobs = [(seed, i, size, 'train', i < n_seg, output) for i in range(studies)]

@@ -10,10 +10,10 @@ import pydicom
 import pytest
 
 from cspine_jax import constants
+from cspine_jax.data import store
 from data_tools import convert
 from data_tools import nifti
 from data_tools import synthetic
-from data_tools import volume_store
 
 sitk = pytest.importorskip('SimpleITK', reason='SimpleITK is the independent reference reader')
 
@@ -76,7 +76,7 @@ def test_hu_identical_to_simpleitk_and_truth(dataset, converted):
   root, studies = dataset
   out, records = converted
   for study in studies:
-    ours = volume_store.read_array(os.path.join(out, 'volumes', study.uid))
+    ours = store.read_array(os.path.join(out, 'volumes', study.uid))
     assert ours.dtype == np.int16
     np.testing.assert_array_equal(ours, study.hu)
     img = _sitk_read(os.path.join(root, 'train_images', study.uid))
@@ -101,7 +101,7 @@ def test_geometry_matches_truth(dataset, converted):
     np.testing.assert_allclose(rec['direction'],
                                [study.slice_dir, study.col_dir, study.row_dir], atol=1e-6)
     assert rec['shape'] == list(study.hu.shape)
-    assert volume_store.read_attributes(os.path.join(out, 'volumes', study.uid))[
+    assert store.read_attributes(os.path.join(out, 'volumes', study.uid))[
         'spacing_mm'] == rec['spacing_mm']
     # z = 0 is the most superior slice: largest LPS z.
     assert rec['direction'][0][2] < 0
@@ -115,7 +115,7 @@ def test_order_by_position_not_instance_number(dataset, converted):
   folder = os.path.join(root, 'train_images', study.uid)
   by_height = sorted(os.listdir(folder), key=lambda n: -float(
       pydicom.dcmread(os.path.join(folder, n), stop_before_pixels=True).ImagePositionPatient[2]))
-  ours = volume_store.read_array(os.path.join(out, 'volumes', study.uid))
+  ours = store.read_array(os.path.join(out, 'volumes', study.uid))
   for z in (0, len(by_height) // 2, len(by_height) - 1):
     ds = pydicom.dcmread(os.path.join(folder, by_height[z]))
     hu = ds.pixel_array.astype(np.int64) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
@@ -131,7 +131,7 @@ def test_segmentations_aligned_in_every_layout(dataset, converted):
   for i, study in enumerate(studies):
     rec = records[study.uid]
     assert rec['has_segmentation']
-    ours = volume_store.read_array(os.path.join(out, 'segmentations', study.uid))
+    ours = store.read_array(os.path.join(out, 'segmentations', study.uid))
     truth = nifti.cervical_labels(study.labels_volume)
     assert ours.dtype == np.uint8
     agreement = float((ours == truth).mean())
@@ -198,10 +198,10 @@ def test_no_patient_data_in_output(dataset, converted):
 def test_rerun_is_idempotent_and_skips(dataset, converted, tmp_path):
   root, _ = dataset
   out, records = converted
-  with open(os.path.join(out, convert.MANIFEST)) as f:
+  with open(os.path.join(out, store.MANIFEST)) as f:
     before = f.read()
   again = convert.run(root, out, workers=1, progress=False)
-  with open(os.path.join(out, convert.MANIFEST)) as f:
+  with open(os.path.join(out, store.MANIFEST)) as f:
     assert f.read() == before
   assert {r['uid'] for r in again} == set(records)
 
@@ -228,16 +228,16 @@ def test_kill_minus_nine_then_resume_equals_clean_run(dataset, converted, tmp_pa
   time.sleep(2)
   assert sorted(os.listdir(os.path.join(out, 'volumes'))) == placed
   subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  with open(os.path.join(out, convert.MANIFEST)) as f, \
-       open(os.path.join(clean_out, convert.MANIFEST)) as g:
+  with open(os.path.join(out, store.MANIFEST)) as f, \
+       open(os.path.join(clean_out, store.MANIFEST)) as g:
     assert f.read() == g.read()
   for sub in ('volumes', 'segmentations'):
     assert sorted(os.listdir(os.path.join(out, sub))) == sorted(
         os.listdir(os.path.join(clean_out, sub)))
     for study in studies:
       np.testing.assert_array_equal(
-          volume_store.read_array(os.path.join(out, sub, study.uid)),
-          volume_store.read_array(os.path.join(clean_out, sub, study.uid)))
+          store.read_array(os.path.join(out, sub, study.uid)),
+          store.read_array(os.path.join(clean_out, sub, study.uid)))
 
 
 def test_a_second_command_on_the_same_output_is_refused(dataset, tmp_path):
@@ -260,7 +260,7 @@ def test_uid_validation():
 
 def test_manifest_record_fields(converted):
   out, _ = converted
-  with open(os.path.join(out, convert.MANIFEST)) as f:
+  with open(os.path.join(out, store.MANIFEST)) as f:
     rec = json.loads(f.readline())
   for key in ('uid', 'split', 'status', 'warnings', 'shape', 'spacing_mm', 'origin', 'direction',
               'source_slices', 'transfer_syntaxes', 'has_segmentation', 'labels',

@@ -10,8 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
+from cspine_jax.data import store
 from data_tools import synthetic
-from data_tools import volume_store
 
 SIZE = 32
 
@@ -140,7 +140,7 @@ def test_recovered_study_policy(converted, bad_root, kind):
   assert any(WARNS[kind] in w for w in rec['warnings']), rec['warnings']
   study = bad_root[1][kind][0]
   np.testing.assert_array_equal(
-      volume_store.read_array(os.path.join(out, 'volumes', study.uid)), study.hu)
+      store.read_array(os.path.join(out, 'volumes', study.uid)), study.hu)
 
 
 def test_good_study_unaffected(converted, bad_root):

@@ -14,6 +14,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from cspine_jax import constants
+from cspine_jax.data import store
 
 STANDARD_DIRECTION = ((0.0, 0.0, -1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))  # head-first axial
 
@@ -64,7 +65,6 @@ def write_study(root: str, uid: str, volume: np.ndarray, *, spacing_mm=(1.0, 1.0
                 direction=STANDARD_DIRECTION, origin=(0.0, 0.0, 0.0), status: str = 'ok',
                 **extra) -> dict:
   """Writes one study's arrays under ``root`` and returns its manifest record."""
-  from data_tools import volume_store  # pylint: disable=g-import-not-at-top
   geometry = {'spacing_mm': [float(v) for v in spacing_mm], 'origin': [float(v) for v in origin],
               'direction': [[float(v) for v in r] for r in direction]}
   record = {'uid': uid, 'split': split, 'status': status, 'warnings': [],
@@ -73,11 +73,11 @@ def write_study(root: str, uid: str, volume: np.ndarray, *, spacing_mm=(1.0, 1.0
             'labels': None if labels is None else [int(v) for v in labels],
             'vertebra_boxes': {}, 'fracture_boxes': []}
   if status == 'ok':
-    volume_store.write_array(os.path.join(root, 'volumes', uid), volume.astype(np.int16),
-                             geometry)
+    store.write_array(store.array_path(root, store.VOLUMES, uid), volume.astype(np.int16),
+                      geometry)
     if segmentation is not None:
-      volume_store.write_array(os.path.join(root, 'segmentations', uid),
-                               segmentation.astype(np.uint8), geometry)
+      store.write_array(store.array_path(root, store.SEGMENTATIONS, uid),
+                        segmentation.astype(np.uint8), geometry)
       record['vertebra_boxes'] = boxes_from_segmentation(segmentation)
   record.update(extra)
   return record
@@ -85,7 +85,7 @@ def write_study(root: str, uid: str, volume: np.ndarray, *, spacing_mm=(1.0, 1.0
 
 def write_manifest(root: str, records: Sequence[dict]) -> None:
   os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, 'manifest.jsonl'), 'w') as f:
+  with open(store.manifest_path(root), 'w') as f:
     for r in records:
       f.write(json.dumps(r) + '\n')
 

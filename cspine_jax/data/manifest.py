@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 from typing import Iterable, Sequence
 
 from absl import logging
 import numpy as np
 
 from cspine_jax import constants
+from cspine_jax.data import store
 
 Box = tuple[int, int, int, int, int, int]  # z0, y0, x0, z1, y1, x1 (voxels, end-exclusive)
 
@@ -44,8 +43,8 @@ class Study:
     """Folder of the mask to crop: the true one, else the localizer's (which exists when it
     wrote predicted boxes), else None."""
     if self.has_segmentation:
-      return 'segmentations'
-    return 'predicted_segmentations' if self.predicted_vertebra_boxes else None
+      return store.SEGMENTATIONS
+    return store.PREDICTED_SEGMENTATIONS if self.predicted_vertebra_boxes else None
 
   @property
   def box_source(self) -> str:
@@ -85,16 +84,12 @@ def load_manifest(root: str) -> list[Study]:
   Non-ok studies are skipped and counted in the log (they failed conversion: no volume).
   """
   studies, skipped = [], {}
-  with open(os.path.join(root, 'manifest.jsonl')) as f:
-    for line in f:
-      if not line.strip():
-        continue
-      obj = json.loads(line)
-      status = obj.get('status', 'ok')
-      if status != 'ok':
-        skipped[obj.get('uid', '?')] = status
-        continue
-      studies.append(parse_study(obj))
+  for obj in store.read_manifest(root):
+    status = obj.get('status', 'ok')
+    if status != 'ok':
+      skipped[obj.get('uid', '?')] = status
+      continue
+    studies.append(parse_study(obj))
   if skipped:
     logging.warning('manifest %s: skipped %d non-ok studies (e.g. %s)', root, len(skipped),
                     next(iter(skipped.items())))

@@ -1,9 +1,10 @@
 """Random-access sources: study records (metadata only) and lazy per-process TensorStore reads.
 
 A Grain source element here is a small dict around a ``manifest.Study``: no voxels. Voxels are
-read by the crop transforms through a ``VolumeReader``, which opens TensorStore lazily in the
-process that reads, so nothing TensorStore-related ever crosses a ``fork()`` (it would deadlock)
-or gets pickled into a spawned worker: a pickled reader carries only its settings.
+read by the crop transforms through a ``VolumeReader``, which opens its TensorStore context and
+arrays lazily in the process that reads, so no open context or handle ever crosses a ``fork()``
+(it would deadlock) or gets pickled into a spawned worker: a pickled reader carries only its
+settings. (Importing the tensorstore module, as ``store`` does, opens nothing and is safe.)
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from typing import Sequence
 import numpy as np
 
 from cspine_jax.data import manifest as manifest_lib
+from cspine_jax.data import store
 
-# Array kinds under the dataset root (DESIGN.md section 1).
-VOLUMES = 'volumes'
-SEGMENTATIONS = 'segmentations'
-PREDICTED_SEGMENTATIONS = 'predicted_segmentations'
+# Aliases of the array kinds of ``store`` (the data contract), for code that still names them
+# here (cspine_jax/localize_lib.py, cspine_jax/bench.py, tests/test_transforms.py).
+VOLUMES = store.VOLUMES
+SEGMENTATIONS = store.SEGMENTATIONS
+PREDICTED_SEGMENTATIONS = store.PREDICTED_SEGMENTATIONS
 
 
 class VolumeReader:
@@ -54,8 +57,6 @@ class VolumeReader:
 
   def open(self, kind: str, uid: str):
     """The TensorStore of ``ROOT/<kind>/<uid>/`` (opened once per process, then cached)."""
-    # Imported here so that importing this module never initialises TensorStore in a parent.
-    from data_tools import volume_store  # pylint: disable=g-import-not-at-top
     if self._pid != os.getpid():  # Forked copy: never reuse the parent's handles.
       self._reset()
     key = (kind, uid)
@@ -64,20 +65,20 @@ class VolumeReader:
         self._open.move_to_end(key)
         return self._open[key]
       if self._context is None:
-        self._context = volume_store.shared_context(self.cache_bytes, self.concurrency)
+        self._context = store.shared_context(self.cache_bytes, self.concurrency)
       context = self._context
-    store = volume_store.open_array(os.path.join(self.root, kind, uid), context)
+    array = store.open_array(store.array_path(self.root, kind, uid), context)
     with self._lock:
-      self._open[key] = store
+      self._open[key] = array
       while len(self._open) > self.max_open:
         self._open.popitem(last=False)
-    return store
+    return array
 
   def read(self, kind: str, uid: str, lo, hi) -> np.ndarray:
     """The [lo, hi) block (z, y, x) of one array, as numpy; only the chunks it touches decode."""
-    store = self.open(kind, uid)
+    array = self.open(kind, uid)
     (z0, y0, x0), (z1, y1, x1) = (int(v) for v in lo), (int(v) for v in hi)
-    return store[z0:z1, y0:y1, x0:x1].read().result()
+    return array[z0:z1, y0:y1, x0:x1].read().result()
 
   def reader_for(self, kind: str, uid: str):
     """``read(lo, hi)`` closure for ``geometry.resample``."""

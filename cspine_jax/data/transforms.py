@@ -25,6 +25,7 @@ import grain
 from cspine_jax import constants
 from cspine_jax.data import geometry
 from cspine_jax.data import sources
+from cspine_jax.data import store
 
 NUM_VERTEBRAE = len(constants.VERTEBRAE)
 
@@ -94,11 +95,11 @@ def make_volume_crop(reader: sources.VolumeReader, study, cfg, rng=None):
   """
   aug = _augment(cfg, rng) if _augment_on(cfg, rng) else geometry.Augment()
   cmap = volume_crop_map(study.shape, study.spacing_mm, study.direction, cfg, aug)
-  image = geometry.resample(reader.reader_for(sources.VOLUMES, study.uid), study.shape, cmap,
+  image = geometry.resample(reader.reader_for(store.VOLUMES, study.uid), study.shape, cmap,
                             cfg.pad_hu)
   if not study.has_segmentation:
     return image, np.zeros(cmap.shape, np.uint8)
-  seg = geometry.resample(reader.reader_for(sources.SEGMENTATIONS, study.uid), study.shape,
+  seg = geometry.resample(reader.reader_for(store.SEGMENTATIONS, study.uid), study.shape,
                           cmap, 0, order=0)
   return image, seg
 
@@ -135,7 +136,7 @@ def make_region_crop(reader: sources.VolumeReader, study, cfg, rng=None,
   """
   aug = _augment(cfg, rng) if _augment_on(cfg, rng) else geometry.Augment()
   cmap, _ = region_crop_map(study, cfg, aug)
-  image = geometry.resample(reader.reader_for(sources.VOLUMES, study.uid), study.shape, cmap,
+  image = geometry.resample(reader.reader_for(store.VOLUMES, study.uid), study.shape, cmap,
                             cfg.pad_hu)
   if not with_segmentation:
     return image
@@ -179,7 +180,7 @@ def make_vertebra_crops(reader: sources.VolumeReader, study, cfg, rng=None):
   maps = vertebra_crop_maps(study, cfg, augments, _training_boxes(study, cfg, rng))
   out = np.zeros((NUM_VERTEBRAE,) + shape, np.float32)
   present = np.zeros(NUM_VERTEBRAE, bool)
-  read = reader.reader_for(sources.VOLUMES, study.uid)
+  read = reader.reader_for(store.VOLUMES, study.uid)
   for v, cmap in enumerate(maps):
     if cmap is not None:
       out[v] = geometry.resample(read, study.shape, cmap, cfg.pad_hu)
