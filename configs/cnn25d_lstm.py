@@ -19,7 +19,7 @@ from configs import common
 def get_config():
   config = common.per_vertebra(common.get_config())
   config.model = ml_collections.ConfigDict({
-      'name': 'cnn25d_lstm', 'mode': 'vertebra', 'input_shape': config.data.input_shape,
+      'name': 'cnn25d_lstm', 'mode': 'vertebra', 'input_shape': config.data.get_ref('vertebra_shape'),
       'in_channels': 1, 'context': 1, 'widths': (16, 32, 64), 'blocks': (1, 1, 1),
       # Stride-2 stem: 24x24 slices -> 12x12 at the first block; 4x fewer pixels on CPU.
       'stem_stride': 2, 'rnn_hidden': 64, 'dropout': 0.0, 'patient_head': 'noisy_or',

@@ -18,7 +18,7 @@ from configs import common
 def get_config():
   config = common.per_vertebra(common.get_config())
   config.model = ml_collections.ConfigDict({
-      'name': 'cnn3d', 'mode': 'vertebra', 'input_shape': config.data.input_shape,
+      'name': 'cnn3d', 'mode': 'vertebra', 'input_shape': config.data.get_ref('vertebra_shape'),
       'in_channels': 1, 'widths': (16, 32, 64), 'blocks': (1, 1, 1),
       # Stride-2 stem: XLA's CPU 3D convolutions are slow; 8x fewer voxels after the stem.
       'stem_stride': 2, 'norm': 'group', 'dropout': 0.0, 'patient_head': 'noisy_or',

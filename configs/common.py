@@ -4,7 +4,10 @@ Not an experiment itself. Keys (all read by the training/eval code):
 
   seed                       PRNG seed (parameters, data order, dropout).
   data.root                  output folder of `python -m data_tools.convert`.
-  data.input_shape           (z, y, x) voxels of the crop fed to the model.
+  data.input_shape           (z, y, x) voxels of the crop fed to the model
+                             (region and localizer configs).
+  data.vertebra_shape        the same for per-vertebra configs (each of the
+                             seven crops); `per_vertebra` swaps the keys.
   data.spacing_mm            (dz, dy, dx) the crop is resampled to.
   data.windows               HU windows (center, width), one per input
                              channel, each mapped to [0, 1].
@@ -20,12 +23,16 @@ Not an experiment itself. Keys (all read by the training/eval code):
                              "constant" after warm-up), grad_clip_norm (0 =
                              off), b1, b2.
   loss                       "bce" | "rsna_weighted" (cspine_jax/losses.py).
-  model.*                    arguments of cspine_jax.models.build_model
-                             (`name` picks the class; see vit3d.ViT3D).
+  model.*                    `name` picks the backbone and `mode` the task
+                             (cspine_jax/models/factory.py: MODELS, TASKS);
+                             every other key is a constructor argument.
 
-`model.input_shape` is a reference to `data.input_shape`, so overriding
-`--config.data.input_shape` also resizes the model. `model.in_channels` must
-equal len(data.windows): configs that change the windows set both.
+The crop shape is one key, the one the task's table entry names
+(factory.TASKS[mode].shape_key): `model.input_shape` is a reference to it, so
+`--config.data.input_shape` (or `data.vertebra_shape` in per-vertebra configs)
+also resizes the model, and the other mode's key is not in the config at all
+(setting it fails instead of doing nothing). `model.in_channels` must equal
+len(data.windows): configs that change the windows set both.
 """
 
 from ml_collections import config_dict
@@ -46,6 +53,8 @@ def get_config() -> config_dict.ConfigDict:
   # model's step and the data. Left in the data block, the pipeline's defaults won silently.
   for key in ('batch_size', 'eval_batch_size', 'seed'):
     del config.data[key]
+  # The crop shape of a region (or localizer) config is data.input_shape; per_vertebra swaps.
+  del config.data['vertebra_shape']
   config.data.root = ''
   config.data.input_shape = (128, 128, 128)
   config.data.spacing_mm = (1.25, 1.0, 1.0)
@@ -77,6 +86,7 @@ def get_config() -> config_dict.ConfigDict:
 
   config.model = config_dict.ConfigDict()
   config.model.name = 'vit3d'
+  config.model.mode = 'region'  # the task: region | vertebra | segment (factory.TASKS)
   config.model.input_shape = config.data.get_ref('input_shape')
   config.model.in_channels = 1
   config.model.patch_size = (16, 16, 16)
@@ -168,7 +178,12 @@ def per_vertebra(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   """
   d = config.data
   d.crop_mode = 'vertebrae'
+  # The crop shape is data.vertebra_shape (factory.TASKS['vertebra']); the model follows it.
+  del config.model['input_shape'], d['input_shape']
   d.vertebra_shape = (16, 24, 24)
+  config.model.input_shape = d.get_ref('vertebra_shape')
+  config.model.mode = 'vertebra'
+  config.model.patient_head = 'noisy_or'
   d.vertebra_spacing_mm = (2.0, 2.0, 2.0)
   # Each crop is that vertebra's box (from the mask) plus 3 mm, stretched onto the crop shape:
   # a fixed-spacing crop tall enough for C2 shows the neighbours' fractures too (label noise).
@@ -176,7 +191,6 @@ def per_vertebra(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   d.vertebra_margin_mm = 3.0
   d.augment.jitter_mm = (2.0, 2.0, 2.0)
   d.augment.rotate_deg = 5.0
-  d.input_shape = (16, 24, 24)
   # Every labelled study with vertebra boxes: true ones from a mask, else the localizer's
   # (`python -m data_tools.localize`); without a localizer run that is the segmented studies.
   d.require_boxes = True

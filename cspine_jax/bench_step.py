@@ -17,7 +17,15 @@ import os
 import resource
 import time
 
+from flax import nnx
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from cspine_jax import flops
+from cspine_jax import parallel
+from cspine_jax import train_lib
+from cspine_jax.models import factory
 
 
 def _peak_rss_mib() -> float:
@@ -25,28 +33,21 @@ def _peak_rss_mib() -> float:
 
 
 def bench_step(config, steps: int = 10, warmup: int = 2) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cspine_jax import flops  # pylint: disable=g-import-not-at-top
-  from cspine_jax import parallel  # pylint: disable=g-import-not-at-top
-  from cspine_jax import train_lib  # pylint: disable=g-import-not-at-top
-
   mesh = parallel.make_mesh()
-  model = train_lib.build_model(config, int(config.seed))
-  graphdef, state = train_lib.init_state(config, model)
-  del model
-  state = jax.device_put(state, parallel.replicated(mesh))
+  task = factory.check(config)
+  graphdef = nnx.graphdef(factory.abstract_model(config))
+  state = jax.jit(train_lib.init_fn(config), out_shardings=parallel.replicated(mesh))()
   step_fn = jax.jit(train_lib.make_train_step(config, graphdef), donate_argnums=(0,))
   b = int(config.batch_size)
-  shape = tuple(config.model.input_shape)
+  shape = factory.crop_shape(config)
   channels = int(config.model.get('in_channels', 1))
-  if config.model.get('mode', 'region') == 'vertebra':
-    shape = (7,) + shape
+  if task.crops > 1:
+    shape = (task.crops,) + shape
   rng = np.random.default_rng(0)
   host = {'image': rng.random((b,) + shape + (channels,), np.float32),
           'labels': (rng.random((b, 8)) < 0.3).astype(np.float32),
           'mask': np.ones((b,), bool)}
-  if train_lib.is_segmentation(config):  # the localizer: a label per voxel
+  if task.segmentation:  # the localizer: a label per voxel
     host['segmentation'] = rng.integers(0, 8, (b,) + shape, dtype=np.uint8)
     host['has_segmentation'] = np.ones((b,), bool)
   batch = jax.device_put(host, parallel.batch_sharding(mesh))

@@ -18,7 +18,6 @@ Takes ~33 minutes on 2 CPU cores (data ~1.5, localizer ~25, classifier ~6; --not
 from __future__ import annotations
 
 import collections
-import json
 import os
 import sys
 import time
@@ -27,15 +26,26 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from configs import demo as demo_config
+from configs import localizer as localizer_config
 from cspine_jax import constants
+from cspine_jax import eval as eval_lib
+from cspine_jax import evaluate
+from cspine_jax import localize_lib
+from cspine_jax import metrics
+from cspine_jax import parallel
+from cspine_jax import seg_metrics
+from cspine_jax import train_loop
+from cspine_jax.data import store
+from data_tools import convert
+from data_tools import synthetic
 
 FLAGS = flags.FLAGS
 
 
 def summarize(converted: str) -> dict:
   """A few lines a user can check at a glance."""
-  with open(os.path.join(converted, 'manifest.jsonl')) as f:
-    records = [json.loads(line) for line in f]
+  records = store.read_manifest(converted)
   ok = [r for r in records if r['status'] == 'ok']
   labelled = [r for r in ok if r.get('labels') is not None]
   positives = collections.Counter()
@@ -72,8 +82,6 @@ def _print_summary(name: str, s: dict) -> None:
 def prepare_data(workdir: str, studies: int, heldout: int, size: int, seed: int,
                  workers: int) -> dict[str, str]:
   """Generates and converts the training and held-out synthetic sets; returns their roots."""
-  from data_tools import convert  # pylint: disable=g-import-not-at-top
-  from data_tools import synthetic  # pylint: disable=g-import-not-at-top
   roots = {}
   for name, n, s in (('train', studies, seed), ('heldout', heldout, seed + 1000)):
     raw = os.path.join(workdir, f'rsna_{name}')
@@ -126,12 +134,7 @@ def main(argv):
 
 def localize(workdir: str, roots: dict[str, str], steps: int | None) -> dict:
   """Trains the localizer, scores it on the held-out masks, localizes every study of both sets."""
-  from configs import localizer  # pylint: disable=g-import-not-at-top
-  from cspine_jax import parallel  # pylint: disable=g-import-not-at-top
-  from cspine_jax import seg_metrics  # pylint: disable=g-import-not-at-top
-  from cspine_jax import train_loop  # pylint: disable=g-import-not-at-top
-  from data_tools import localize as localize_tool  # pylint: disable=g-import-not-at-top
-  config = localizer.get_config()
+  config = localizer_config.get_config()
   config.data.root = os.path.abspath(roots['train'])
   if steps:
     config.total_steps = steps
@@ -143,20 +146,22 @@ def localize(workdir: str, roots: dict[str, str], steps: int | None) -> dict:
   train_loop.train_and_evaluate(config, run_dir, progress=True)
   train_s = time.time() - start
   mesh = parallel.make_mesh()
-  config, graphdef, state, _ = train_loop.load_frozen_model(run_dir, 'latest', mesh)
+  model = localize_lib.load(run_dir, 'latest', mesh)
+  config = model.config
   config.data.root = os.path.abspath(roots['heldout'])
   config.data.fold = -1  # every held-out study with a mask ('train' of fold -1 = all labelled)
-  result = train_loop.evaluate_segmentation(config, graphdef, state, mesh, split='train')
+  result = evaluate.evaluate_segmentation(config, lambda x: model('labels', x), mesh,
+                                          split='train')
   low = seg_metrics.summarize(result['dice'])
   for name, root in roots.items():
     start = time.time()
-    records = localize_tool.run(run_dir, root, progress=False)
+    records = localize_lib.run(run_dir, root, progress=False)
     ok = [r for r in records if r['status'] == 'ok']
     full = sum(len(r.get('predicted_vertebra_boxes') or {}) == 7 for r in ok)
     print(f'[demo] localized {name}: {len(ok)} studies ({full} with all of C1-C7) in '
           f'{time.time() - start:.0f} s', flush=True)
   # The number that matters: the written masks against the true ones on the volumes' own grids.
-  dice = localize_tool.full_grid_dice(roots['heldout']) or {
+  dice = localize_lib.full_grid_dice(roots['heldout']) or {
       'studies': 0, 'dice_mean': float('nan'), **{'dice_' + v: float('nan')
                                                    for v in constants.VERTEBRAE}}
   print(f'== localizer: held-out Dice on {dice["studies"]} segmented studies (full grid): mean '
@@ -169,9 +174,7 @@ def localize(workdir: str, roots: dict[str, str], steps: int | None) -> dict:
 
 def _prevalence(converted: str) -> np.ndarray:
   """Positive rates of the labelled studies the classifier trains on (those with boxes)."""
-  with open(os.path.join(converted, 'manifest.jsonl')) as f:
-    records = [json.loads(line) for line in f]
-  labels = [r['labels'] for r in records if r['status'] == 'ok' and r.get('labels') is not None
+  labels = [r['labels'] for r in store.read_manifest(converted) if r['status'] == 'ok' and r.get('labels') is not None
             and (r.get('vertebra_boxes') or r.get('predicted_vertebra_boxes'))]
   return np.clip(np.mean(labels, axis=0), 0.01, 0.99)
 
@@ -179,11 +182,7 @@ def _prevalence(converted: str) -> np.ndarray:
 def train_and_score(workdir: str, roots: dict[str, str], steps: int | None,
                     two_stage: bool = False) -> dict:
   """Trains configs/demo.py, evaluates on the held-out set, prints the scores side by side."""
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  from cspine_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
-  from cspine_jax import metrics  # pylint: disable=g-import-not-at-top
-  from cspine_jax import train_loop  # pylint: disable=g-import-not-at-top
-  config = demo.get_config()
+  config = demo_config.get_config()
   config.data.root = os.path.abspath(roots['train'])
   if steps:
     config.total_steps = steps

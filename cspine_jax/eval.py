@@ -17,7 +17,13 @@ from absl import flags
 import numpy as np
 
 from cspine_jax import constants
+from cspine_jax import evaluate
 from cspine_jax import metrics as metrics_lib
+from cspine_jax import parallel
+from cspine_jax import plots
+from cspine_jax import restore
+from cspine_jax.data import manifest
+from cspine_jax.data import store
 
 FLAGS = flags.FLAGS
 
@@ -36,23 +42,21 @@ def define_flags():
 
 def run(workdir: str, data: str, checkpoint: str, output: str, threshold: float = 0.5,
         split: str = 'all') -> dict:
-  from cspine_jax import parallel  # pylint: disable=g-import-not-at-top
-  from cspine_jax import plots  # pylint: disable=g-import-not-at-top
-  from cspine_jax import train_loop  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(os.path.join(data, 'manifest.jsonl')):
-    raise FileNotFoundError(f'--data={data}: no manifest.jsonl (run python -m data_tools.convert)')
+  if not os.path.isfile(os.path.join(data, store.MANIFEST)):
+    raise FileNotFoundError(f'--data={data}: no {store.MANIFEST} (run python -m '
+                            'data_tools.convert)')
   mesh = parallel.make_mesh()
-  config, graphdef, state, step = train_loop.load_frozen_model(workdir, checkpoint, mesh)
+  model = restore.InferenceModel(workdir, checkpoint, mesh, expect='classifier')
+  config, step = model.config, model.step
   config.data.root = os.path.abspath(data)
   uids = None
   if split == 'labelled_with_boxes':
-    from cspine_jax.data import manifest  # pylint: disable=g-import-not-at-top
     uids = [s.uid for s in manifest.load_manifest(config.data.root)
             if s.labels is not None and s.split != 'test' and s.boxes]
     if not uids:
       raise ValueError(f'--data={data}: no labelled study with vertebra boxes')
     split = 'all'
-  result = train_loop.evaluate(config, graphdef, state, mesh, split=split, uids=uids)
+  result = evaluate.evaluate(config, lambda x: model('probs', x), mesh, split=split, uids=uids)
   out_dir = os.path.dirname(os.path.abspath(output))
   os.makedirs(out_dir, exist_ok=True)
   metrics_lib.write_submission(output, result['uids'], result['probs'])

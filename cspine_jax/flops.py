@@ -3,8 +3,9 @@
 XLA's `compiled.cost_analysis()["flops"]` counts every HLO op (matmuls as
 2*M*N*K, plus normalisations, softmax, the optimizer update), but it counts
 the body of a `while` loop once, not once per iteration: a `jax.lax.scan`
-over 12 layers reports the flops of one layer. `train_step_flops` therefore
-counts a copy of the model with `scan_layers=False`.
+over 12 layers reports the flops of one layer, so counts are taken on a
+copy of the model with `scan_layers=False` (tests/test_flops.py checks the
+closed form against XLA's count of a whole train step that way).
 
 The closed form (`analytic_*`) counts matmul flops only (2 per
 multiply-add): forward, and backward = 2x forward (gradients with respect to
@@ -29,11 +30,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from cspine_jax import losses
 from cspine_jax.models import deformable
+from cspine_jax.models import factory
 from cspine_jax.models import heads
 from cspine_jax.models import vit3d
 
@@ -58,10 +58,10 @@ class _Shape:
     c = _cfg(model_config)
     sig = _defaults(vit3d.ViT3D.__init__)
     get = lambda k: c.get(k, sig.get(k))  # noqa: E731
-    # train_lib's model.mode="vertebra": 7 crops per example through the
-    # same trunk (cspine_jax/models/vertebra.py).
+    # model.mode="vertebra": 7 crops per example through the same trunk
+    # (cspine_jax/models/vertebra.py); the task table says how many.
     self.mode = c.get('mode', 'region')
-    self.crops = 7 if self.mode == 'vertebra' else 1
+    self.crops = factory.TASKS[self.mode].crops
     self.input_shape = tuple(c['input_shape'])
     self.patch = tuple(get('patch_size'))
     self.grid = tuple(n // p for n, p in zip(self.input_shape, self.patch))
@@ -171,53 +171,6 @@ def xla_flops(fn: Callable[..., Any], *args, **kwargs) -> float:
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
     cost = cost[0]
   return float(cost['flops'])
-
-
-def _optimizer(opt_config) -> optax.GradientTransformation:
-  oc = dict(opt_config or {})
-  tx = optax.adamw(oc.get('lr', 1e-3), b1=oc.get('b1', 0.9),
-                   b2=oc.get('b2', 0.999),
-                   weight_decay=oc.get('weight_decay', 1e-4))
-  if oc.get('grad_clip_norm'):
-    tx = optax.chain(optax.clip_by_global_norm(oc['grad_clip_norm']), tx)
-  return tx
-
-
-def train_step_flops(config) -> dict[str, float]:
-  """XLA and closed-form flops of one train step of `config`.
-
-  The step is the plain one: BCE-type loss (`config.loss`) on the 8 logits,
-  its gradient and an AdamW update (`config.optimizer`), at
-  `config.batch_size` and `config.model.input_shape`, deterministic forward.
-  Nothing is allocated: parameters and inputs are abstract.
-  """
-  model_cfg = _cfg(config.model)
-  if model_cfg.pop('mode', 'region') != 'region':
-    raise NotImplementedError('train_step_flops builds the region ViT only')
-  model_cfg['scan_layers'] = False  # XLA counts a scanned body once
-  batch = int(config.batch_size)
-  channels = model_cfg.get('in_channels', 1)
-  abstract = nnx.eval_shape(lambda: vit3d.build_model(model_cfg, 0))
-  graphdef, params = nnx.split(abstract)
-  tx = _optimizer(config.get('optimizer'))
-  opt_state = jax.eval_shape(tx.init, params)
-  loss_fn = losses.get_loss(config.get('loss', 'bce'))
-
-  def step(params, opt_state, x, y):
-    def loss_of(p):
-      return loss_fn(nnx.merge(graphdef, p)(x), y)
-    loss, grads = jax.value_and_grad(loss_of)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  x = jax.ShapeDtypeStruct((batch,) + tuple(model_cfg['input_shape']) +
-                           (channels,), jnp.float32)
-  y = jax.ShapeDtypeStruct((batch, 8), jnp.float32)
-  return {
-      'xla': xla_flops(step, params, opt_state, x, y),
-      'analytic': analytic_train_flops(model_cfg, batch),
-      'analytic_forward': analytic_forward_flops(model_cfg, batch)['total'],
-  }
 
 
 def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, chain: int = 4,

@@ -1,24 +1,37 @@
-"""Running a trained localizer on one volume: low-res labels -> full-grid mask -> vertebra boxes.
+"""Running a trained localizer: one volume (low-res labels -> full-grid mask -> vertebra boxes),
+and a whole converted dataset (predicted masks, boxes and manifest records, resumable).
 
-Shared by `python -m data_tools.localize` (a converted dataset) and `python -m cspine_jax.predict`
-(one DICOM folder in memory), so both produce the same masks and boxes. Every crop goes through
-the pipeline's own code (`transforms.volume_crop_map`, `geometry.resample`): the model sees at
-inference exactly the grid it was trained on.
+`localize` is shared by `python -m cspine_jax.localize` (alias `data_tools.localize`: a converted
+dataset, `run`) and `python -m cspine_jax.predict` (one DICOM folder in memory), so both produce
+the same masks and boxes. Every crop goes through the pipeline's own code
+(`transforms.volume_crop_map`, `geometry.resample`): the model sees at inference exactly the grid
+it was trained on. The model is a `restore.InferenceModel` of a localizer workdir (`load`).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 
+from absl import logging
 import numpy as np
 import scipy.ndimage as ndi
+from tqdm import tqdm
 
 from cspine_jax import constants
-from cspine_jax.data import config as data_config
+from cspine_jax import restore
+from cspine_jax import seg_metrics
 from cspine_jax.data import geometry
 from cspine_jax.data import manifest as manifest_lib
 from cspine_jax.data import sources
+from cspine_jax.data import store
 from cspine_jax.data import transforms
+
+# Bumped when the post-processing changes (2: pieces of a split vertebra kept, probabilities
+# upsampled linearly), so a rerun redoes studies an older version localized.
+METHOD_VERSION = 2
+NUM_CLASSES = 1 + len(constants.VERTEBRAE)  # background + C1..C7
 
 
 class ArrayReader:
@@ -146,15 +159,6 @@ def upsample_probs(probs: np.ndarray, labels: np.ndarray, cmap: geometry.CropMap
   return mask
 
 
-def vertebra_boxes(mask: np.ndarray) -> dict[str, list[int]]:
-  """{"C1": [z0, y0, x0, z1, y1, x1], ...} end-exclusive, for the labels present (as convert)."""
-  boxes = {}
-  for i, sl in enumerate(ndi.find_objects(mask, max_label=len(constants.VERTEBRAE))):
-    if sl is not None:
-      boxes[constants.VERTEBRAE[i]] = [int(s.start) for s in sl] + [int(s.stop) for s in sl]
-  return boxes
-
-
 @dataclasses.dataclass
 class Localization:
   mask: np.ndarray  # (z, y, x) uint8 on the volume's grid, 0 and 1..7 = C1..C7
@@ -163,55 +167,136 @@ class Localization:
   timings: dict[str, float]
 
 
-class Localizer:
+def load(workdir: str, checkpoint: str = 'latest', mesh=None) -> restore.InferenceModel:
   """A trained localizer (``model.mode='segment'``) restored from its workdir."""
+  return restore.InferenceModel(workdir, checkpoint, mesh, expect='localizer')
 
-  def __init__(self, workdir: str, checkpoint: str = 'latest', mesh=None):
-    import jax  # pylint: disable=g-import-not-at-top
-    from cspine_jax import parallel  # pylint: disable=g-import-not-at-top
-    from cspine_jax import train_lib  # pylint: disable=g-import-not-at-top
-    from cspine_jax import train_loop  # pylint: disable=g-import-not-at-top
-    self.mesh = mesh or parallel.make_mesh()
-    config, graphdef, self.state, self.step = train_loop.load_frozen_model(
-        workdir, checkpoint, self.mesh)
-    if not train_lib.is_segmentation(config):
-      raise ValueError(f'{workdir}: model.mode={config.model.get("mode")!r}, not a localizer '
-                       '(train one with configs/localizer.py)')
-    self.config = config
-    self.cfg = data_config.resolve(config)
-    self.windows = tuple(tuple(float(v) for v in w) for w in self.cfg.windows)
-    self.num_classes = 1 + len(constants.VERTEBRAE)
-    self._probs = jax.jit(train_lib.make_segment_probs_fn(
-        graphdef, use_ema=bool(config.get('ema_decay'))))
 
-  def input_for(self, reader, study) -> tuple[np.ndarray, geometry.CropMap]:
-    """(1, z, y, x, C) model input of the whole volume, and the map it was sampled through."""
-    cmap = transforms.volume_crop_map(study.shape, study.spacing_mm, study.direction, self.cfg)
-    hu = geometry.resample(reader.reader_for(sources.VOLUMES, study.uid), study.shape, cmap,
-                           self.cfg.pad_hu)
-    return transforms.apply_windows(hu, self.windows)[None], cmap
+def input_for(model: restore.InferenceModel, reader, study
+              ) -> tuple[np.ndarray, geometry.CropMap]:
+  """(1, z, y, x, C) model input of the whole volume, and the map it was sampled through."""
+  cmap = transforms.volume_crop_map(study.shape, study.spacing_mm, study.direction, model.data)
+  hu = geometry.resample(reader.reader_for(store.VOLUMES, study.uid), study.shape, cmap,
+                         model.data.pad_hu)
+  return transforms.apply_windows(hu, model.windows)[None], cmap
 
-  def probs_lowres(self, images: np.ndarray) -> np.ndarray:
-    """(B, z, y, x, C) -> (B, z, y, x, K) float32 class probabilities on the localizer's grid."""
-    import jax  # pylint: disable=g-import-not-at-top
-    return np.asarray(jax.device_get(self._probs(self.state, images)))
 
-  def localize(self, reader, study, keep_largest: bool = True) -> Localization:
-    """The localizer on one study: its full-grid mask and vertebra boxes."""
-    t = {}
-    t0 = time.perf_counter()
-    image, cmap = self.input_for(reader, study)
-    t['resample_s'] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    probs = self.probs_lowres(image)[0]
-    low = np.argmax(probs, -1).astype(np.uint8)
-    t['model_s'] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if keep_largest:
-      low = largest_components(low, self.num_classes)
-    mask = upsample_probs(probs, low, cmap, study.shape)
-    if mask is None:
-      mask = upsample_labels(low, cmap, study.shape)
-    boxes = vertebra_boxes(mask)
-    t['upsample_s'] = time.perf_counter() - t0
-    return Localization(mask=mask, boxes=boxes, lowres=low, timings=t)
+def localize(model: restore.InferenceModel, reader, study,
+             keep_largest: bool = True) -> Localization:
+  """The localizer on one study: its full-grid mask and vertebra boxes."""
+  t = {}
+  t0 = time.perf_counter()
+  image, cmap = input_for(model, reader, study)
+  t['resample_s'] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  probs = model.segment_probs(image)[0]
+  low = np.argmax(probs, -1).astype(np.uint8)
+  t['model_s'] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  if keep_largest:
+    low = largest_components(low, NUM_CLASSES)
+  mask = upsample_probs(probs, low, cmap, study.shape)
+  if mask is None:
+    mask = upsample_labels(low, cmap, study.shape)
+  boxes = store.vertebra_boxes(mask)
+  t['upsample_s'] = time.perf_counter() - t0
+  return Localization(mask=mask, boxes=boxes, lowres=low, timings=t)
+
+
+# ---------------------------------------------------------------------------------------------
+# A converted dataset: ROOT/predicted_segmentations/<UID>/ + manifest records, resumable.
+# ---------------------------------------------------------------------------------------------
+
+
+def _done(data: str, record: dict | None, tag: dict) -> bool:
+  return bool(record) and record.get('localizer') == tag and store.array_exists(
+      data, store.PREDICTED_SEGMENTATIONS, record['uid'])
+
+
+def _merge(records: list[dict], states: dict[str, dict]) -> list[dict]:
+  """Manifest records with each localized study's predicted boxes and localizer tag."""
+  out = []
+  for r in records:
+    r = dict(r)
+    r.pop('predicted_vertebra_boxes', None)
+    r.pop('localizer', None)
+    s = states.get(r['uid'])
+    if r.get('status') == 'ok' and s:
+      r['predicted_vertebra_boxes'] = s['predicted_vertebra_boxes']
+      r['localizer'] = s['localizer']
+    out.append(r)
+  return out
+
+
+def run(workdir: str, data: str, checkpoint: str = 'latest', keep_largest: bool = True,
+        progress: bool = False) -> list[dict]:
+  """Localizes every ok study of ``data`` not already done; returns the new manifest records.
+
+  Each mask is written under a temporary name and placed, then its record goes to
+  DATA/.localize/<UID>.json; a rerun skips studies whose record names the same checkpoint and
+  post-processing version; the manifest is rewritten atomically at the end (and every 30 s).
+  """
+  data = os.path.abspath(data)
+  if not os.path.isfile(store.manifest_path(data)):
+    raise FileNotFoundError(f'--data={data}: no {store.MANIFEST} (run python -m '
+                            'data_tools.convert first)')
+  model = load(workdir, checkpoint)
+  tag = {'workdir': os.path.abspath(workdir), 'step': int(model.step), 'method': METHOD_VERSION}
+  jobs = store.JobRecords(data, store.LOCALIZE_STATE)
+  os.makedirs(os.path.join(data, store.PREDICTED_SEGMENTATIONS), exist_ok=True)
+  os.makedirs(jobs.folder, exist_ok=True)
+  store.clean_temporaries(data, (store.PREDICTED_SEGMENTATIONS, store.LOCALIZE_STATE))
+  records = store.read_manifest(data)
+  ok = [r for r in records if r.get('status') == 'ok']
+  states, todo = {}, []
+  for r in ok:
+    s = jobs.load(r['uid'])
+    if _done(data, s, tag):
+      states[r['uid']] = s
+    else:
+      todo.append(r)
+  logging.info('%d ok studies: %d already localized, %d to do', len(ok), len(states), len(todo))
+  reader = sources.VolumeReader(data, cache_bytes=64 << 20)
+  bar = tqdm(total=len(todo), unit='study', desc='localize', file=sys.stderr) if progress else None
+  last_manifest = time.monotonic()
+  for r in todo:
+    uid = r['uid']
+    loc = localize(model, reader, manifest_lib.parse_study(r), keep_largest=keep_largest)
+    attrs = store.read_attributes(store.array_path(data, store.VOLUMES, uid))
+    attrs.update({'units': 'label', 'labels': {'0': 'background', **{
+        str(i + 1): v for i, v in enumerate(constants.VERTEBRAE)}}, 'localizer': tag})
+    store.put_array(data, store.PREDICTED_SEGMENTATIONS, uid, loc.mask, attrs)
+    state = {'uid': uid, 'predicted_vertebra_boxes': loc.boxes, 'localizer': tag}
+    if r.get('has_segmentation'):
+      true = store.read_array(store.array_path(data, store.SEGMENTATIONS, uid))
+      state['dice'] = [None if d != d else round(float(d), 5)
+                       for d in seg_metrics.dice_per_class(loc.mask, true)]
+    jobs.save(state)
+    states[uid] = state
+    if bar:
+      bar.update(1)
+    if time.monotonic() - last_manifest > 30:  # a killed run still leaves a useful manifest
+      store.write_manifest(data, _merge(records, states))
+      last_manifest = time.monotonic()
+  if bar:
+    bar.close()
+  merged = _merge(records, states)
+  store.write_manifest(data, merged)
+  return merged
+
+
+def full_grid_dice(data: str) -> dict | None:
+  """Dice of the predicted masks against the true ones on the volumes' full grids.
+
+  {studies, dice_mean, dice_C1..dice_C7} over the studies of ``data`` that have a true mask,
+  from the records `run` wrote; None when none has one.
+  """
+  jobs = store.JobRecords(data, store.LOCALIZE_STATE)
+  rows = []
+  for r in store.read_manifest(data):
+    s = jobs.load(r['uid']) if r.get('status') == 'ok' else None
+    if s and s.get('dice') is not None:
+      rows.append([np.nan if d is None else d for d in s['dice']])
+  if not rows:
+    return None
+  return {'studies': len(rows), **seg_metrics.summarize(np.asarray(rows, float))}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 
 from absl import app
@@ -34,6 +33,13 @@ from absl import flags
 import numpy as np
 
 from cspine_jax import constants
+from cspine_jax import localize_lib
+from cspine_jax import overlay
+from cspine_jax import parallel
+from cspine_jax import restore
+from cspine_jax.data import store
+from cspine_jax.data import transforms
+from data_tools import dicom
 
 FLAGS = flags.FLAGS
 UID = 'study'  # the in-memory volume's key; never the StudyInstanceUID (no identifiers out)
@@ -49,34 +55,17 @@ def define_flags():
   flags.mark_flags_as_required(['classifier', 'localizer', 'dicom', 'output'])
 
 
-class Classifier:
-  """A trained fracture classifier (region or per-vertebra mode) restored from its workdir."""
+# The classifier's crops of one study, by its task's crop mode (models.factory.TASKS).
+_CROPS = {
+    'region': transforms.make_region_crop,
+    'vertebrae': lambda reader, study, cfg: transforms.make_vertebra_crops(reader, study, cfg)[0],
+}
 
-  def __init__(self, workdir: str, checkpoint: str = 'latest', mesh=None):
-    import jax  # pylint: disable=g-import-not-at-top
-    from cspine_jax import train_lib  # pylint: disable=g-import-not-at-top
-    from cspine_jax import train_loop  # pylint: disable=g-import-not-at-top
-    from cspine_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
-    config, graphdef, self.state, self.step = train_loop.load_frozen_model(workdir, checkpoint,
-                                                                           mesh)
-    if train_lib.is_segmentation(config):
-      raise ValueError(f'{workdir}: a localizer, not a fracture classifier')
-    self.cfg = data_config.resolve(config)
-    self.cfg.augment.enabled = False
-    self._predict = jax.jit(train_lib.make_predict_fn(graphdef,
-                                                      use_ema=bool(config.get('ema_decay'))))
 
-  def probabilities(self, reader, study) -> np.ndarray:
-    """(8,) probabilities in TARGETS order from the pipeline's crops of ``study``."""
-    import jax  # pylint: disable=g-import-not-at-top
-    from cspine_jax.data import transforms  # pylint: disable=g-import-not-at-top
-    windows = tuple(tuple(float(v) for v in w) for w in self.cfg.windows)
-    if self.cfg.crop_mode == 'vertebrae':
-      hu, _ = transforms.make_vertebra_crops(reader, study, self.cfg)
-    else:
-      hu = transforms.make_region_crop(reader, study, self.cfg)
-    images = transforms.apply_windows(hu, windows)[None]
-    return np.asarray(jax.device_get(self._predict(self.state, images)))[0]
+def classify(model: restore.InferenceModel, reader, study) -> np.ndarray:
+  """(8,) probabilities in TARGETS order from the pipeline's crops of ``study``."""
+  hu = _CROPS[model.task.crop_mode](reader, study, model.data)
+  return model.predict(transforms.apply_windows(hu, model.windows)[None])[0]
 
 
 def box_lps(box, voxel_to_lps: np.ndarray) -> tuple[list[list[float]], list[float]]:
@@ -93,17 +82,6 @@ def box_lps(box, voxel_to_lps: np.ndarray) -> tuple[list[list[float]], list[floa
   return [r(pts.min(0)), r(pts.max(0))], r(center)
 
 
-def _write_atomic(folder: str, name: str, data: bytes) -> None:
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=folder)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, os.path.join(folder, name))
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def predict(classifier_dir: str, localizer_dir: str, dicom_dir: str,
             classifier_checkpoint: str = 'latest', localizer_checkpoint: str = 'latest'
             ) -> tuple[dict, bytes]:
@@ -111,31 +89,28 @@ def predict(classifier_dir: str, localizer_dir: str, dicom_dir: str,
   timings = {}
   t_all = time.perf_counter()
   t0 = time.perf_counter()
-  from data_tools import dicom  # pylint: disable=g-import-not-at-top
   series = dicom.read_series(dicom_dir)  # StudyError (naming the file) on bad input
   timings['read_dicom'] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  from cspine_jax import localize_lib  # pylint: disable=g-import-not-at-top
-  from cspine_jax import overlay  # pylint: disable=g-import-not-at-top
-  from cspine_jax import parallel  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
-  localizer = localize_lib.Localizer(localizer_dir, localizer_checkpoint, mesh)
-  classifier = Classifier(classifier_dir, classifier_checkpoint, mesh)
+  localizer = localize_lib.load(localizer_dir, localizer_checkpoint, mesh)
+  classifier = restore.InferenceModel(classifier_dir, classifier_checkpoint, mesh,
+                                      expect='classifier')
   timings['load_models'] = time.perf_counter() - t0
 
-  reader = localize_lib.ArrayReader({'volumes': {UID: series.hu}})
+  reader = localize_lib.ArrayReader({store.VOLUMES: {UID: series.hu}})
   study = localize_lib.study_from_geometry(UID, series.hu.shape, series.spacing,
                                            series.direction, series.origin)
   t0 = time.perf_counter()
-  loc = localizer.localize(reader, study)
+  loc = localize_lib.localize(localizer, reader, study)
   timings['localize'] = time.perf_counter() - t0
   timings.update({f'localize_{k[:-2]}': v for k, v in loc.timings.items()})
 
   t0 = time.perf_counter()
   located = localize_lib.study_from_geometry(UID, series.hu.shape, series.spacing,
                                              series.direction, series.origin, loc.boxes)
-  probs = classifier.probabilities(reader, located)
+  probs = classify(classifier, reader, located)
   timings['classify'] = time.perf_counter() - t0
 
   warnings = list(series.warnings)
@@ -171,14 +146,13 @@ def predict(classifier_dir: str, localizer_dir: str, dicom_dir: str,
 def write_outputs(output: str, result: dict, png: bytes) -> None:
   """OUT/prediction.json and OUT/overlay.png, each via a temporary file and a rename."""
   os.makedirs(output, exist_ok=True)
-  _write_atomic(output, 'overlay.png', png)
-  _write_atomic(output, 'prediction.json', (json.dumps(result, indent=2) + '\n').encode())
+  store.atomic_write(os.path.join(output, 'overlay.png'), png)
+  store.atomic_write(os.path.join(output, 'prediction.json'), json.dumps(result, indent=2) + '\n')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from data_tools import dicom  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(FLAGS.dicom):
     print(f'error: --dicom={FLAGS.dicom} is not a folder', file=sys.stderr)
     sys.exit(2)

@@ -1,4 +1,4 @@
-"""Training state, optimizer and the pure step functions (jitted by train.py / eval.py).
+"""Training state, optimizer and the pure train step (jitted once by train_loop.py).
 
 The model is a Flax NNX module; steps are pure functions over its `nnx.split` state (no
 `nnx.jit` graph traversal per call, Flax performance guide). Parameters stay float32; the compute
@@ -16,11 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from cspine_jax import losses
-from cspine_jax.models import cnn25d
-from cspine_jax.models import cnn3d
-from cspine_jax.models import segmenter
-from cspine_jax.models import vertebra
-from cspine_jax.models import vit3d
+from cspine_jax.models import factory
 
 
 @flax.struct.dataclass
@@ -31,43 +27,6 @@ class TrainState:
   opt_state: Any
   ema: Any  # nnx.State like params (EMA of the weights), or an empty dict when off
   rng: jax.Array  # uint32 key data; per-step keys are fold_in(rng, step)
-
-
-def build_model(config, seed: int) -> nnx.Module:
-  """The model of ``config.model``; ``model.mode`` 'region' (one crop per study, the seed's
-  design), 'vertebra' (one crop per vertebra through a shared backbone) or 'segment' (the
-  localizer: per-voxel C1-C7 logits, cspine_jax/models/segmenter.py)."""
-  cfg = config.model.to_dict() if hasattr(config.model, 'to_dict') else dict(config.model)
-  mode = cfg.pop('mode', 'region')
-  seg_kw = {k: cfg.pop(k) for k in ('decoder_features', 'decoder_hidden', 'context') if k in cfg}
-  rngs = nnx.Rngs(params=seed)
-
-  def backbone(cfg):
-    if cfg.get('name', 'vit3d') == 'cnn3d':
-      cfg.pop('name')
-      return cnn3d.CNN3D(**cfg, rngs=rngs)
-    if cfg.get('name') == 'cnn25d_lstm':  # 2.5D CNN + bidirectional GRU over slices
-      cfg.pop('name')
-      return cnn25d.CNN25D(**cfg, rngs=rngs)
-    return vit3d.build_model(cfg, rngs)
-
-  if mode == 'region':
-    return backbone(cfg)
-  if mode == 'vertebra':
-    patient_head = cfg.get('patient_head', 'noisy_or')
-    cfg['patient_head'] = 'logit'  # the backbone's own head is unused in this mode
-    return vertebra.VertebraClassifier(backbone(cfg), patient_head=patient_head, rngs=rngs)
-  if mode == 'segment':
-    if cfg.get('name', 'vit3d') != 'vit3d':
-      raise ValueError('config.model.mode="segment" needs model.name="vit3d"')
-    return segmenter.Segmenter(backbone(cfg), in_channels=int(cfg.get('in_channels', 1)),
-                               **seg_kw, rngs=rngs)
-  raise ValueError(f'config.model.mode={mode!r}: expected "region", "vertebra" or "segment"')
-
-
-def is_segmentation(config) -> bool:
-  """True for the localizer (per-voxel labels), False for the fracture classifiers."""
-  return config.model.get('mode', 'region') == 'segment'
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -111,6 +70,16 @@ def init_state(config, model: nnx.Module) -> tuple[nnx.GraphDef, TrainState]:
   return graphdef, state
 
 
+def init_fn(config) -> Callable[[], TrainState]:
+  """() -> the initial TrainState, model built inside: jit it with ``out_shardings`` and the
+  parameters are born sharded (big_vision), never gathered on one device first."""
+
+  def init() -> TrainState:
+    return init_state(config, factory.build_model(config, int(config.seed)))[1]
+
+  return init
+
+
 def _loss_mask(batch) -> jax.Array:
   mask = batch['mask'].astype(bool)
   if 'labelled' in batch:
@@ -145,13 +114,15 @@ def mixup(batch: dict, key: jax.Array, alpha: float) -> dict:
 
 def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = None
                     ) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
-  """The pure train step: (state, batch, teacher_params) -> (new state, metrics).
+  """The pure train step: (state, batch, teacher_weights) -> (new state, metrics).
 
-  ``teacher`` (distillation): a pure function (teacher_params, images) -> its outputs ('logits',
-  and 'feature_map' for a CNN), evaluated in the same jitted step without gradients.
+  ``teacher`` (distillation): a pure function (teacher_weights, images) -> its outputs ('logits',
+  and 'feature_map' for a CNN; `restore.make_teacher_fn`), evaluated in the same jitted step
+  without gradients. ``metrics['finite']`` is False when the loss or the gradient norm is not
+  finite: the loop checks it on the device state it saves, without a host sync per step.
   """
   tx, schedule = make_optimizer(config)
-  segment = is_segmentation(config)
+  segment = factory.task_of(config).segmentation
   loss_fn = None if segment else losses.get_loss(config.loss)
   accum = int(config.get('grad_accum_steps', 1))
   ema_decay = float(config.get('ema_decay', 0.0))
@@ -237,54 +208,13 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
     ema = state.ema
     if ema_decay:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema, params)
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+    grad_norm = optax.tree.norm(grads)
+    metrics = {'loss': loss, 'grad_norm': grad_norm,
                'param_norm': optax.tree.norm(params),
-               'learning_rate': schedule(state.step), **aux}
+               'learning_rate': schedule(state.step), **aux,
+               'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
     new_state = state.replace(step=state.step + 1, params=params, rest=rest,
                               opt_state=opt_state, ema=ema)
     return new_state, metrics
 
   return train_step
-
-
-def _inference_fn(graphdef: nnx.GraphDef, use_ema: bool, head: Callable[[jax.Array], jax.Array]
-                  ) -> Callable[[TrainState, jax.Array], jax.Array]:
-  """(state, images) -> head(logits): the model rebuilt from the state (EMA weights if asked and
-  kept), deterministic (no dropout)."""
-
-  def fn(state: TrainState, images: jax.Array) -> jax.Array:
-    params = state.ema if use_ema and state.ema else state.params
-    model = nnx.merge(graphdef, params, state.rest)
-    return head(model(images, deterministic=True))
-
-  return fn
-
-
-def make_predict_fn(graphdef: nnx.GraphDef, use_ema: bool = False
-                    ) -> Callable[[TrainState, jax.Array], jax.Array]:
-  """(state, images) -> (B, 8) probabilities."""
-  return _inference_fn(graphdef, use_ema, jax.nn.sigmoid)
-
-
-def make_segment_fn(graphdef: nnx.GraphDef, use_ema: bool = False
-                    ) -> Callable[[TrainState, jax.Array], jax.Array]:
-  """(state, images) -> (B, Z, Y, X) uint8 labels (argmax over the classes): the localizer."""
-  return _inference_fn(graphdef, use_ema,
-                       lambda z: jnp.argmax(z, axis=-1).astype(jnp.uint8))
-
-
-def make_segment_probs_fn(graphdef: nnx.GraphDef, use_ema: bool = False
-                          ) -> Callable[[TrainState, jax.Array], jax.Array]:
-  """(state, images) -> (B, Z, Y, X, K) float32 class probabilities: the localizer, soft."""
-  return _inference_fn(graphdef, use_ema,
-                       lambda z: jax.nn.softmax(z.astype(jnp.float32), axis=-1))
-
-
-def make_teacher_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Any, jax.Array], dict]:
-  """(params, rest, images) -> {'logits', ['feature_map']}: a frozen distillation teacher."""
-
-  def fn(params, rest, images):
-    out = nnx.merge(graphdef, params, rest).outputs(images, deterministic=True)
-    return {k: out[k] for k in ('logits', 'feature_map') if k in out}
-
-  return fn

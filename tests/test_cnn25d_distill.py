@@ -15,6 +15,7 @@ from cspine_jax import losses
 from cspine_jax import parallel
 from cspine_jax import train_lib
 from cspine_jax import train_loop
+from cspine_jax.models import factory
 from cspine_jax.models import cnn25d
 from cspine_jax.models import cnn3d
 from cspine_jax.models import heads
@@ -74,7 +75,7 @@ def test_cnn25d_in_the_vertebra_wrapper_via_config():
   from configs import cnn25d_lstm
   config = cnn25d_lstm.get_config()
   config.model.update(input_shape=SHAPE, widths=(4, 8), blocks=(1, 1), rnn_hidden=4)
-  model = train_lib.build_model(config, 0)
+  model = factory.build_model(config, 0)
   assert isinstance(model.backbone, cnn25d.CNN25D)
   out = _outputs(model, jnp.zeros((2, 7) + SHAPE + (1,)))
   assert out['logits'].shape == (2, 8)
@@ -104,16 +105,17 @@ def test_the_shipped_student_fits_the_shipped_teacher():
   from configs import vertebra_distill
   student, teacher = vertebra_distill.get_config(), cnn_vertebra.get_config()
   assert student.model.hint_dim == teacher.model.widths[-1]
-  assert tuple(student.data.input_shape) == tuple(teacher.data.input_shape)
+  # The crop shape of a per-vertebra config is data.vertebra_shape (factory.TASKS).
+  assert tuple(student.data.vertebra_shape) == tuple(teacher.data.vertebra_shape)
   # The student's 4x6x6 tokens pool onto the teacher's last 2x3x3 map (stem and two strides 2).
-  grid = [n // p for n, p in zip(student.data.input_shape, student.model.patch_size)]
-  t_grid = [n // (teacher.model.stem_stride * 4) for n in teacher.data.input_shape]
+  grid = [n // p for n, p in zip(student.data.vertebra_shape, student.model.patch_size)]
+  t_grid = [n // (teacher.model.stem_stride * 4) for n in teacher.data.vertebra_shape]
   assert all(g % t == 0 for g, t in zip(grid, t_grid)), (grid, t_grid)
 
 
 def test_vertebra_distill_token_outputs():
   config = _student_config()
-  model = train_lib.build_model(config, 0)
+  model = factory.build_model(config, 0)
   x = jax.random.normal(jax.random.key(3), (2, 7) + SHAPE + (1,))
   out = _outputs(model, x)
   for k in ('logits', 'logits_cls', 'logits_dist'):
@@ -137,7 +139,7 @@ def _write_teacher(workdir):
   os.makedirs(workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort())
-  model = train_lib.build_model(config, 0)
+  model = factory.build_model(config, 0)
   graphdef, state = train_lib.init_state(config, model)
   # Move the zero-initialised heads so the teacher's logits depend on the image.
   state = state.replace(params=jax.tree.map(
@@ -157,19 +159,19 @@ def test_distillation_step_with_a_restored_cnn_teacher(tmp_path):
   config.distill.kind = 'soft'
   config.distill.temperature = 2.0
   mesh = parallel.make_mesh()
-  teacher, teacher_params = train_loop._make_teacher(config, mesh)  # pylint: disable=protected-access
+  teacher, teacher_weights = train_loop._make_teacher(config, mesh)  # pylint: disable=protected-access
   images = jax.random.normal(jax.random.key(5), (2, 7) + SHAPE + (1,))
   # The restored teacher is the saved one.
   want = nnx.merge(t_graphdef, t_state.params, t_state.rest)(images)
-  np.testing.assert_allclose(teacher(teacher_params, images)['logits'], want, atol=1e-5)
+  np.testing.assert_allclose(teacher(teacher_weights, images)['logits'], want, atol=1e-5)
 
   config.optimizer.warmup_steps = 0  # a non-zero learning rate at step 0
-  model = train_lib.build_model(config, 0)
+  model = factory.build_model(config, 0)
   graphdef, state = train_lib.init_state(config, model)
   step = jax.jit(train_lib.make_train_step(config, graphdef, teacher))
   batch = {'image': images, 'labels': jnp.array([[1, 0, 1, 0, 0, 0, 0, 0]] * 2, jnp.float32),
            'mask': jnp.ones((2,), jnp.float32)}
-  new_state, m = step(state, batch, teacher_params)
+  new_state, m = step(state, batch, teacher_weights)
   assert np.isfinite(float(m['loss'])) and float(m['grad_norm']) > 0
   np.testing.assert_allclose(m['loss'], 0.5 * m['loss_task'] + 0.5 * m['loss_distill'],
                              rtol=1e-5)
@@ -189,14 +191,14 @@ def test_feature_distillation_step_teaches_the_tokens_the_teachers_last_map(tmp_
   config.model.update(patch_size=(3, 4, 4), distill_token=False, hint_dim=8)  # 2x2x2 tokens
   config.distill.update(teacher_workdir=teacher_dir, kind='soft', feature_weight=2.0)
   config.optimizer.warmup_steps = 0
-  teacher, teacher_params = train_loop._make_teacher(config, parallel.make_mesh())  # pylint: disable=protected-access
+  teacher, teacher_weights = train_loop._make_teacher(config, parallel.make_mesh())  # pylint: disable=protected-access
   images = jax.random.normal(jax.random.key(7), (2, 7) + SHAPE + (1,))
-  t_out = teacher(teacher_params, images)
+  t_out = teacher(teacher_weights, images)
   want = nnx.merge(t_graphdef, t_state.params, t_state.rest).outputs(images)['feature_map']
   assert t_out['feature_map'].shape == (2, 7, 2, 2, 2, 8)
   np.testing.assert_allclose(t_out['feature_map'], want, atol=1e-5)
 
-  model = train_lib.build_model(config, 0)
+  model = factory.build_model(config, 0)
   graphdef, state = train_lib.init_state(config, model)
   batch = {'image': images, 'labels': jnp.array([[1, 0, 1, 0, 0, 0, 0, 0]] * 2, jnp.float32),
            'mask': jnp.ones((2,), jnp.float32),
@@ -205,7 +207,7 @@ def test_feature_distillation_step_teaches_the_tokens_the_teachers_last_map(tmp_
   feature = losses.feature_distillation_loss(out['hint'], t_out['feature_map'],
                                              batch['vertebra_mask'])
   step = jax.jit(train_lib.make_train_step(config, graphdef, teacher))
-  new_state, m = step(state, batch, teacher_params)
+  new_state, m = step(state, batch, teacher_weights)
   np.testing.assert_allclose(m['loss_feature'], feature, rtol=1e-5)
   np.testing.assert_allclose(
       m['loss'], 0.5 * m['loss_task'] + 0.5 * m['loss_distill'] + 2.0 * m['loss_feature'],
@@ -214,14 +216,14 @@ def test_feature_distillation_step_teaches_the_tokens_the_teachers_last_map(tmp_
   assert np.abs(kernel(new_state) - kernel(state)).max() > 0
   # Twenty steps on the same batch: the tokens move towards the teacher's map.
   for _ in range(20):
-    new_state, m = step(new_state, batch, teacher_params)
+    new_state, m = step(new_state, batch, teacher_weights)
   assert float(m['loss_feature']) < 0.7 * float(feature)
 
 
 def test_feature_distillation_without_a_hint_says_which_key():
   config = _student_config()
   config.distill.update(teacher_workdir='unused', feature_weight=1.0)  # hint_dim 0
-  model = train_lib.build_model(config, 0)
+  model = factory.build_model(config, 0)
   graphdef, state = train_lib.init_state(config, model)
   teacher = lambda tp, x: {'logits': jnp.zeros((x.shape[0], 8))}  # noqa: E731
   batch = {'image': jnp.zeros((2, 7) + SHAPE + (1,)), 'labels': jnp.zeros((2, 8)),

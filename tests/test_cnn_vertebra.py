@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from cspine_jax import constants
+from cspine_jax import restore
 from cspine_jax import train_lib
+from cspine_jax.models import factory
 from cspine_jax.models import heads
 
 # Jitted: eager nnx runs op by op, several times slower on CPU for the same values.
@@ -28,7 +30,7 @@ def _config(name='cnn3d', mode='vertebra', norm='group', patient_head='noisy_or'
 
 
 def test_vertebra_mode_shapes_and_patient_noisy_or():
-  model = train_lib.build_model(_config(), 0)
+  model = factory.build_model(_config(), 0)
   x = jax.random.normal(jax.random.key(0), (3, 7, 8, 8, 8, 1))
   out = _outputs(model, x)
   assert out['logits'].shape == (3, 8) and out['features'].shape == (3, 7, 8)
@@ -41,7 +43,7 @@ def test_vertebra_mode_shapes_and_patient_noisy_or():
 
 def test_vertebra_crops_share_the_backbone():
   """Swapping two vertebrae's crops swaps their features (up to the level embedding)."""
-  model = train_lib.build_model(_config(patient_head='logit'), 0)
+  model = factory.build_model(_config(patient_head='logit'), 0)
   x = jax.random.normal(jax.random.key(1), (1, 7, 8, 8, 8, 1))
   f = _outputs(model, x)['features'] - model.level_embed[...][None]
   swapped = x.at[:, [2, 5]].set(x[:, [5, 2]])
@@ -51,13 +53,13 @@ def test_vertebra_crops_share_the_backbone():
 
 
 def test_region_mode_cnn():
-  model = train_lib.build_model(_config(mode='region', patient_head='logit'), 0)
+  model = factory.build_model(_config(mode='region', patient_head='logit'), 0)
   assert nnx.jit(lambda m, x: m(x))(model, jnp.zeros((2, 8, 8, 8, 1))).shape == (2, 8)
 
 
 def test_batchnorm_statistics_update_in_the_train_step():
   config = _config(norm='batch')
-  model = train_lib.build_model(config, 0)
+  model = factory.build_model(config, 0)
   graphdef, state = train_lib.init_state(config, model)
   step = jax.jit(train_lib.make_train_step(config, graphdef))
   batch = {'image': 3.0 + jax.random.normal(jax.random.key(2), (2, 7, 8, 8, 8, 1)),
@@ -68,9 +70,10 @@ def test_batchnorm_statistics_update_in_the_train_step():
   assert before and any(not np.allclose(a, b) for a, b in zip(before, after))
   assert np.isfinite(float(m['loss']))
   # Eval uses running averages: the prediction is deterministic and batch-independent.
-  predict = jax.jit(train_lib.make_predict_fn(graphdef))
-  one = predict(new, batch['image'][:1])
-  two = predict(new, batch['image'])[:1]
+  predict = jax.jit(restore.make_apply(graphdef, 'probs'))
+  weights = restore.inference_weights(config, new)
+  one = predict(weights, batch['image'][:1])
+  two = predict(weights, batch['image'])[:1]
   np.testing.assert_allclose(one, two, rtol=1e-5)
 
 
@@ -78,4 +81,4 @@ def test_unknown_mode_is_rejected():
   config = _config()
   config.model.mode = 'slices'
   with pytest.raises(ValueError, match="model.mode='slices'"):
-    train_lib.build_model(config, 0)
+    factory.build_model(config, 0)

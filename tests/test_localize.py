@@ -76,6 +76,7 @@ def test_decoder_neighbourhood_is_the_3x3x3_window():
 
 def test_component_filter_keeps_a_split_vertebra_and_drops_far_strays():
   from cspine_jax import localize_lib
+  from cspine_jax.data import store
   labels = np.zeros((20, 8, 8), np.uint8)
   labels[2:5, 2:6, 2:6] = 3  # C3, upper half
   labels[6:8, 2:6, 2:6] = 3  # C3, lower half, beyond a 1-voxel fracture gap
@@ -84,7 +85,7 @@ def test_component_filter_keeps_a_split_vertebra_and_drops_far_strays():
   out = localize_lib.largest_components(labels, 8)
   assert (out[2:8] == labels[2:8]).all()  # both halves kept: the box spans the fracture
   assert out[16, 3, 3] == 0 and (out[10:13, 2:6, 2:6] == 4).all()
-  assert localize_lib.vertebra_boxes(out)['C3'] == [2, 2, 2, 8, 6, 6]
+  assert store.vertebra_boxes(out)['C3'] == [2, 2, 2, 8, 6, 6]
   # reach=0 is the plain largest component (the lower half goes).
   assert (localize_lib.largest_components(labels, 8, reach=0)[6:8] == 0).all()
 
@@ -150,14 +151,14 @@ def two_stage(synthetic_converted, tmp_path_factory):
   """A tiny localizer and per-vertebra classifier (2 steps each) and a localized copy."""
   from configs import demo
   from cspine_jax import train_loop
-  from data_tools import localize
+  from cspine_jax import localize_lib
   raw, converted = synthetic_converted
   base = tmp_path_factory.mktemp('two_stage')
   data = str(base / 'converted')
   shutil.copytree(converted, data)  # localize writes into the dataset: keep the fixture intact
   loc_dir = str(base / 'localizer')
   train_loop.train_and_evaluate(_localizer_config(data), loc_dir, progress=False)
-  records = localize.run(loc_dir, data)
+  records = localize_lib.run(loc_dir, data)
   c = demo.get_config()
   c.data.root = data
   c.batch_size = 2
@@ -173,14 +174,14 @@ def two_stage(synthetic_converted, tmp_path_factory):
 
 def test_localize_writes_masks_boxes_and_resumes(two_stage):
   from cspine_jax.data import manifest
-  from data_tools import localize
-  from data_tools import volume_store
+  from cspine_jax import localize_lib
+  from cspine_jax.data import store
   data = two_stage['data']
   records = [json.loads(l) for l in open(os.path.join(data, 'manifest.jsonl'))]
   assert records == two_stage['records'] and len(records) == 11
   for r in records:
     path = os.path.join(data, 'predicted_segmentations', r['uid'])
-    mask = volume_store.read_array(path)
+    mask = store.read_array(path)
     assert mask.shape == tuple(r['shape']) and mask.dtype == np.uint8  # the volume's grid
     assert mask.max() <= 7
     assert r['localizer']['step'] == 2
@@ -196,13 +197,13 @@ def test_localize_writes_masks_boxes_and_resumes(two_stage):
     state = json.load(open(os.path.join(data, '.localize', r['uid'] + '.json')))
     assert ('dice' in state) == bool(r['has_segmentation'])
     if r['has_segmentation']:
-      true = volume_store.read_array(os.path.join(data, 'segmentations', r['uid']))
-      pred = volume_store.read_array(os.path.join(data, 'predicted_segmentations', r['uid']))
+      true = store.read_array(os.path.join(data, 'segmentations', r['uid']))
+      pred = store.read_array(os.path.join(data, 'predicted_segmentations', r['uid']))
       want = seg_metrics.dice_per_class(pred, true)
       np.testing.assert_allclose([np.nan if d is None else d for d in state['dice']], want,
                                  atol=1e-5)
       rows.append(want)
-  summary = localize.full_grid_dice(data)
+  summary = localize_lib.full_grid_dice(data)
   assert summary['studies'] == len(rows) > 0
   assert summary['dice_mean'] == pytest.approx(float(np.nanmean(rows)), abs=1e-5)
   # Crops prefer true boxes; studies without masks use the predicted ones.
@@ -211,7 +212,7 @@ def test_localize_writes_masks_boxes_and_resumes(two_stage):
   # A rerun skips every study (nothing rewritten) and gives the same manifest.
   stamp = {r['uid']: os.stat(os.path.join(data, 'predicted_segmentations', r['uid'],
                                           'zarr.json')).st_mtime_ns for r in records}
-  again = localize.run(two_stage['localizer'], data)
+  again = localize_lib.run(two_stage['localizer'], data)
   assert again == records
   assert stamp == {u: os.stat(os.path.join(data, 'predicted_segmentations', u,
                                            'zarr.json')).st_mtime_ns for u in stamp}

@@ -11,7 +11,7 @@ from flax import nnx
 
 from cspine_jax import constants
 from cspine_jax import flops
-from cspine_jax.models import build_model
+from cspine_jax.models.factory import build_backbone as build_model
 from cspine_jax.models import heads
 from cspine_jax.models import layers
 

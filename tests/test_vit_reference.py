@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from cspine_jax import flops
-from cspine_jax.models import build_model
+from cspine_jax.models.factory import build_backbone as build_model
 from cspine_jax.models import vit_pytorch_convert
 
 torch = pytest.importorskip('torch', reason='torch is the reference (test extra)')

@@ -27,7 +27,7 @@ vit_pytorch weights (which do add one to CLS) are converted.
 
 Calling convention (the train/eval loops rely on it):
 
-  model = build_model(config.model, nnx.Rngs(params=seed))
+  model = factory.build_model(config, seed)   # cspine_jax/models/factory.py
   logits = model(x)                                   # eval: (B, 8) float32
   logits = model(x, deterministic=False, rng=key)     # train: dropout etc.
   out = model.outputs(x, deterministic=..., rng=...)  # dict, see `outputs`
@@ -397,27 +397,3 @@ class ViT3D(nnx.Module):
                rng: jax.Array | None = None) -> jax.Array:
     """(B, Z, Y, X, C) -> (B, 8) float32 logits in TARGETS order."""
     return self.outputs(x, deterministic=deterministic, rng=rng)['logits']
-
-
-# Model registry: config.model.name -> constructor. Later models (the
-# per-vertebra classifier, a 3D CNN) register here.
-MODELS = {'vit3d': ViT3D}
-
-
-def build_model(model_config, rngs: nnx.Rngs | int) -> nnx.Module:
-  """Creates the model described by `config.model` (a ConfigDict or dict).
-
-  `name` selects the class; every other key is a constructor argument, so a
-  misspelt key fails loudly instead of silently using a default.
-  """
-  cfg = (model_config.to_dict() if hasattr(model_config, 'to_dict')
-         else dict(model_config))
-  name = cfg.pop('name', 'vit3d')
-  if name not in MODELS:
-    raise ValueError(f'model name {name!r} not in {sorted(MODELS)}')
-  if isinstance(rngs, int):
-    rngs = nnx.Rngs(params=rngs)
-  for k in ('input_shape', 'patch_size', 'deformable_layers'):
-    if isinstance(cfg.get(k), list):
-      cfg[k] = tuple(cfg[k])
-  return MODELS[name](**cfg, rngs=rngs)
