@@ -6,7 +6,7 @@ Model input (2, 96, 128, 128, 1) float32 -> 6 x 8 x 8 = 384 patch tokens +
 CLS; ViT width 384, depth 6, 6 heads, MLP 1536 (ViT-S width, half depth),
 batch 2, AdamW, float32. 12,224,264 parameters. One train step is 63.2
 GFLOP by XLA's count (62.1 GFLOP of matmuls by the closed form;
-cspine_jax/flops.py), so ~1.1 s on the 2-core CI machine at ~50% of its
+cspine_jax/benchmarks/flops.py), so ~1.1 s on the 2-core CI machine at ~50% of its
 ~110 GFLOP/s f32 matmul peak. Short: 20 steps, for step time
 and MFU, not for accuracy.
 """

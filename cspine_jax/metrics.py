@@ -12,8 +12,11 @@ probabilities are clipped to [1e-15, 1 - 1e-15].
 from __future__ import annotations
 
 import csv
+import os
 import sys
 
+from absl import app
+from absl import flags
 import numpy as np
 
 from cspine_jax import constants
@@ -145,7 +148,6 @@ def read_submission(path: str) -> dict[str, np.ndarray]:
 
 def write_submission(path: str, uids, probs: np.ndarray) -> None:
   """Writes row_id,fractured for every study and target (atomically)."""
-  import os  # pylint: disable=g-import-not-at-top
   tmp = path + '.tmp'
   with open(tmp, 'w', newline='') as f:
     w = csv.writer(f)
@@ -169,8 +171,6 @@ def score_files(solution: str, submission: str, threshold: float = 0.5) -> dict:
 
 
 def main(argv=None) -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('solution', None, 'train.csv-style labels.')
   flags.DEFINE_string('submission', None, 'Kaggle submission: row_id,fractured.')
   flags.DEFINE_float('threshold', 0.5, 'Threshold for patient sensitivity/specificity.')

@@ -11,6 +11,7 @@ import math
 from absl import logging
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -78,6 +79,5 @@ def param_sharding(mesh, tree, mode: str = 'replicate', min_size: int = 2**18):
 def host_value(x) -> np.ndarray:
   """A (possibly multi-host, replicated) jax.Array as numpy on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))

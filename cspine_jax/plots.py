@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
           (140, 86, 75), (227, 119, 194), (127, 127, 127)]
@@ -10,7 +12,6 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 def roc_png(path: str, curves: list[tuple[str, np.ndarray, np.ndarray, float]],
             title: str = 'ROC') -> None:
   """curves: (name, false positive rates, true positive rates, AUC). Writes a PNG at ``path``."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   size, margin = 520, 60
   img = Image.new('RGB', (size + 200, size), 'white')
   draw = ImageDraw.Draw(img)

@@ -6,6 +6,8 @@ perfect C7 nor a failed one), so means skip it.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from cspine_jax import constants
@@ -42,7 +44,6 @@ class _quiet:
   """Silences numpy's 'Mean of empty slice' (an all-NaN column is reported as NaN)."""
 
   def __enter__(self):
-    import warnings  # pylint: disable=g-import-not-at-top
     self._w = warnings.catch_warnings()
     self._w.__enter__()
     warnings.simplefilter('ignore', RuntimeWarning)

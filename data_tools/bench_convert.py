@@ -9,10 +9,14 @@ and the same number of worker processes:
 Each side runs in its own process tree; peak RSS is the largest of that tree's processes.
 ``--chunks`` also measures random-crop reads for several zarr3 chunk shapes (the choice of
 cspine_jax.data.store.READ_CHUNK). The last line is JSON.
+
+The SimpleITK side's processes import this module (their worker function lives here) and their
+peak RSS is measured: TensorStore and the synthetic-data writer are imported only where used.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -22,13 +26,14 @@ import time
 
 from absl import app
 from absl import flags
+import numpy as np
 
 FLAGS = flags.FLAGS
 
 
 def _sitk_one(args):
   folder, out = args
-  import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+  import SimpleITK as sitk  # deferred: optional heavy dependency (bench only), workers only
   reader = sitk.ImageSeriesReader()
   names = reader.GetGDCMSeriesFileNames(folder)
   reader.SetFileNames(names)
@@ -38,7 +43,6 @@ def _sitk_one(args):
 
 
 def _sitk_all(input_root: str, out: str, workers: int) -> int:
-  import multiprocessing  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   base = os.path.join(input_root, 'train_images')
   jobs = [(os.path.join(base, u), os.path.join(out, u + '.nii.gz')) for u in sorted(os.listdir(base))]
@@ -93,14 +97,13 @@ def bench_convert(input_root: str, workers: int, scratch: str) -> dict:
   }
 
 
-def bench_chunks(volume_path: str, scratch: str, crops: int = 40) -> dict:
-  """Random 64^3 and 96^3 crop reads (cold cache) for several inner chunk shapes."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top
-  # Imported here, not at the top: the SimpleITK side's spawned workers import this module, and
-  # TensorStore/SciPy would add to the peak RSS measured for them.
-  from cspine_jax.data import store  # pylint: disable=g-import-not-at-top
-  vol = store.read_array(volume_path)
+def bench_chunks(converted_root: str, scratch: str, crops: int = 40) -> dict:
+  """Random 64^3 and 96^3 crop reads (cold cache) for several inner chunk shapes, on the first
+  volume of ``converted_root``."""
+  import tensorstore as ts  # deferred: kept out of the measured SimpleITK processes (docstring)
+  from cspine_jax.data import store  # deferred: loads TensorStore (module docstring)
+  vols = os.path.join(converted_root, store.VOLUMES)
+  vol = store.read_array(os.path.join(vols, sorted(os.listdir(vols))[0]))
   results = {}
   for chunk in ((16, 64, 64), (32, 64, 64), (32, 128, 128), (64, 64, 64)):
     path = os.path.join(scratch, 'chunks_' + 'x'.join(map(str, chunk)))
@@ -137,15 +140,13 @@ def main(argv):
   try:
     root = FLAGS.input
     if not root:
-      from data_tools import synthetic  # pylint: disable=g-import-not-at-top
+      from data_tools import synthetic  # deferred: loads TensorStore (module docstring)
       root = os.path.join(scratch, 'rsna')
       synthetic.generate(root, FLAGS.studies, FLAGS.size, seed=1, test_studies=0,
                          seg_fraction=0.5, workers=FLAGS.workers)
     result = bench_convert(root, FLAGS.workers, scratch)
     if FLAGS.chunks:
-      from cspine_jax.data import store  # pylint: disable=g-import-not-at-top
-      vols = os.path.join(scratch, 'ours', store.VOLUMES)
-      result['chunks'] = bench_chunks(os.path.join(vols, sorted(os.listdir(vols))[0]), scratch)
+      result['chunks'] = bench_chunks(os.path.join(scratch, 'ours'), scratch)
     print(f'ours {result["ours_slices_per_s"]} slices/s vs SimpleITK->nii.gz '
           f'{result["simpleitk_slices_per_s"]} slices/s: {result["speedup"]}x')
     print(json.dumps(result))

@@ -34,9 +34,12 @@ from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
+from tqdm import tqdm
 
 from cspine_jax import constants
 from cspine_jax.data import store
+from data_tools import dicom
+from data_tools import nifti
 
 STATE_DIR = store.CONVERT_STATE  # one finished record per study; the manifest is rebuilt from them
 FORMAT_VERSION = 1
@@ -137,11 +140,6 @@ def _fracture_boxes(rows, slice_files, warnings) -> list[dict]:
 
 def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dict]) -> dict:
   """Converts one study; returns its manifest record (status "ok" or the error)."""
-  # Imported here: the decoders are the workers' business (workers are spawned, and the parent
-  # never opens a TensorStore context or array).
-  from data_tools import dicom  # pylint: disable=g-import-not-at-top
-  from data_tools import nifti  # pylint: disable=g-import-not-at-top
-
   uid = job['uid']
   record = {'uid': uid if is_valid_uid(uid) else _safe_label(uid), 'split': job['split'],
             'status': 'ok', 'warnings': [], 'labels': labels, 'format_version': FORMAT_VERSION}
@@ -309,7 +307,6 @@ def _run_locked(input_root: str, out: str, workers: int, progress: bool) -> list
   args = [(j, out, labels.get(j['uid']), boxes.get(j['uid'], [])) for j in todo]
   bar = None
   if progress:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=len(args), unit='study', desc='convert', file=sys.stderr)
   last_manifest = time.monotonic()
 

@@ -31,8 +31,10 @@ import collections
 import dataclasses
 import os
 
+import imagecodecs
 import numpy as np
 import pydicom
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
 
@@ -284,8 +286,6 @@ def _decode_jpeg_lossless(s: _Slice) -> np.ndarray | None:
   slices (most of the real data). Returns None (pydicom then decodes, or names the error) for
   anything unusual: several frames or samples, an unexpected shape, a decoder error."""
   try:
-    import imagecodecs  # pylint: disable=g-import-not-at-top
-    from pydicom.encaps import generate_frames  # pylint: disable=g-import-not-at-top
     ds = s.ds
     if int(ds.get('SamplesPerPixel', 1)) != 1 or int(ds.get('NumberOfFrames', 1) or 1) != 1:
       return None

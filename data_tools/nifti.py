@@ -9,6 +9,7 @@ axis; otherwise it is done slice by slice.
 """
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -16,7 +17,6 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def load(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(integer label array, voxel->RAS affine) of a NIfTI file (.nii or .nii.gz)."""
-  import nibabel as nib  # pylint: disable=g-import-not-at-top
   img = nib.load(path)
   data = np.asanyarray(img.dataobj)
   if data.ndim == 4 and data.shape[3] == 1:

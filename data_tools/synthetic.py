@@ -21,12 +21,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import multiprocessing
 import os
 import tempfile
 
 from absl import app
 from absl import flags
+import gdcm
+import nibabel as nib
 import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import generate_uid
 
 from cspine_jax import constants
 from cspine_jax.data import store
@@ -86,7 +92,6 @@ class Study:
 
 
 def study_uid(seed: int, index: int, split: str) -> str:
-  from pydicom.uid import generate_uid  # pylint: disable=g-import-not-at-top
   return generate_uid(prefix='1.2.826.0.1.3680043.8.498.', entropy_srcs=[
       'cspine-synthetic', str(seed), split, str(index)])
 
@@ -184,8 +189,6 @@ def make_study(seed: int, index: int, size: int, split: str = 'train',
 
 def slice_dataset(study: Study, z: int, series_uid: str, frame_uid: str):
   """The pydicom Dataset of slice z (uncompressed; see write_study for JPEG)."""
-  from pydicom.dataset import Dataset, FileMetaDataset  # pylint: disable=g-import-not-at-top
-  from pydicom.uid import generate_uid  # pylint: disable=g-import-not-at-top
   pixel_rep, bits, intercept = STORAGES[study.storage]
   stored = study.hu[z].astype(np.int32) - intercept
   sop_uid = generate_uid(prefix='1.2.826.0.1.3680043.8.498.',
@@ -240,7 +243,6 @@ def slice_dataset(study: Study, z: int, series_uid: str, frame_uid: str):
 
 
 def _to_jpeg_lossless(src: str, dst: str) -> None:
-  import gdcm  # pylint: disable=g-import-not-at-top
   reader = gdcm.ImageReader()
   reader.SetFileName(src)
   if not reader.Read():
@@ -260,7 +262,6 @@ def _to_jpeg_lossless(src: str, dst: str) -> None:
 
 def write_series(study: Study, folder: str) -> None:
   """Writes the study's slices into ``folder`` as <InstanceNumber>.dcm."""
-  from pydicom.uid import generate_uid  # pylint: disable=g-import-not-at-top
   series_uid = generate_uid(entropy_srcs=[study.uid, 'series'])
   frame_uid = generate_uid(entropy_srcs=[study.uid, 'frame'])
   os.makedirs(folder, exist_ok=True)
@@ -299,7 +300,6 @@ def nifti_affine_and_data(study: Study, layout) -> tuple[np.ndarray, np.ndarray]
 
 
 def write_nifti(study: Study, path: str, layout) -> None:
-  import nibabel as nib  # pylint: disable=g-import-not-at-top
   affine, data = nifti_affine_and_data(study, layout)
   img = nib.Nifti1Image(data.astype(np.uint8), affine)
   img.set_qform(affine, code=1)
@@ -346,7 +346,6 @@ def generate(output: str, studies: int, size: int = 64, seed: int = 0, test_stud
   jobs = [(seed, i, size, 'train', i < n_seg, output) for i in range(studies)]
   jobs += [(seed, i, size, 'test', False, output) for i in range(test_studies)]
   if workers > 1:
-    import multiprocessing  # pylint: disable=g-import-not-at-top
     with multiprocessing.get_context('spawn').Pool(workers) as pool:
       records = pool.map(_write_one, jobs, chunksize=1)
   else:

@@ -3,12 +3,14 @@ import os
 
 import pytest
 
+from configs import smoke
+from data_tools import convert
+from data_tools import synthetic
+
 
 @pytest.fixture(scope='session')
 def synthetic_converted(tmp_path_factory):
   """(raw RSNA root, converted root) of 10 labelled 48x48 studies (6 with masks) + 1 test."""
-  from data_tools import convert  # pylint: disable=g-import-not-at-top
-  from data_tools import synthetic  # pylint: disable=g-import-not-at-top
   base = tmp_path_factory.mktemp('synthetic')
   raw, out = str(base / 'rsna'), str(base / 'converted')
   synthetic.generate(raw, studies=10, size=48, seed=3, test_studies=1, seg_fraction=0.6)
@@ -19,7 +21,6 @@ def synthetic_converted(tmp_path_factory):
 
 @pytest.fixture
 def smoke_config(synthetic_converted):
-  from configs import smoke  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
   config.data.root = synthetic_converted[1]
   return config

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import cnn25d_lstm
+from configs import cnn_vertebra
+from configs import vertebra_distill
 from cspine_jax import checkpoint
 from cspine_jax import losses
 from cspine_jax import parallel
@@ -72,7 +75,6 @@ def test_bidirectional_gru_sees_both_ends():
 
 
 def test_cnn25d_in_the_vertebra_wrapper_via_config():
-  from configs import cnn25d_lstm
   config = cnn25d_lstm.get_config()
   config.model.update(input_shape=SHAPE, widths=(4, 8), blocks=(1, 1), rnn_hidden=4)
   model = factory.build_model(config, 0)
@@ -90,7 +92,6 @@ def test_im2col_conv_equals_xla_conv():
 
 
 def _student_config():
-  from configs import vertebra_distill
   config = vertebra_distill.get_config()
   # DeiT's DIST token, no feature term: the tests below switch them as they need.
   config.model.update(input_shape=SHAPE, patch_size=(2, 4, 4), width=16, depth=1, num_heads=2,
@@ -101,8 +102,6 @@ def _student_config():
 
 
 def test_the_shipped_student_fits_the_shipped_teacher():
-  from configs import cnn_vertebra
-  from configs import vertebra_distill
   student, teacher = vertebra_distill.get_config(), cnn_vertebra.get_config()
   assert student.model.hint_dim == teacher.model.widths[-1]
   # The crop shape of a per-vertebra config is data.vertebra_shape (factory.TASKS).
@@ -133,7 +132,6 @@ def test_vertebra_distill_token_outputs():
 
 def _write_teacher(workdir):
   """A tiny per-vertebra CNN saved like a training run: config.json + an Orbax checkpoint."""
-  from configs import cnn_vertebra
   config = cnn_vertebra.get_config()
   config.model.update(input_shape=SHAPE, widths=(4, 8), blocks=(1, 1))
   os.makedirs(workdir)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import cnn_vertebra
 from cspine_jax import constants
 from cspine_jax import restore
 from cspine_jax import train_lib
@@ -17,7 +18,6 @@ _outputs = nnx.jit(lambda model, x: model.outputs(x))
 
 
 def _config(name='cnn3d', mode='vertebra', norm='group', patient_head='noisy_or'):
-  from configs import cnn_vertebra
   config = cnn_vertebra.get_config()
   config.model.mode = mode
   config.model.norm = norm

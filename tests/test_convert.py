@@ -1,9 +1,11 @@
 """The converter against independent references: SimpleITK's series reader, pydicom by hand, and the
 synthetic ground truth (every voxel, every quirk, every NIfTI layout)."""
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pydicom
@@ -12,6 +14,7 @@ import pytest
 from cspine_jax import constants
 from cspine_jax.data import store
 from data_tools import convert
+from data_tools import dicom
 from data_tools import nifti
 from data_tools import synthetic
 
@@ -214,7 +217,6 @@ def test_kill_minus_nine_then_resume_equals_clean_run(dataset, converted, tmp_pa
          '--workers=1', '--noprogress']
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   # Kill as soon as the first study is in place: the second is then half-way.
-  import time
   deadline = time.time() + 120
   while time.time() < deadline:
     vols = os.path.join(out, 'volumes')
@@ -241,7 +243,6 @@ def test_kill_minus_nine_then_resume_equals_clean_run(dataset, converted, tmp_pa
 
 
 def test_a_second_command_on_the_same_output_is_refused(dataset, tmp_path):
-  import fcntl
   root, _ = dataset
   out = str(tmp_path / 'busy')
   os.makedirs(os.path.dirname(os.path.join(out, convert.RUN_LOCK)))
@@ -272,7 +273,6 @@ def test_manifest_record_fields(converted):
 @pytest.mark.parametrize('storage', sorted(synthetic.STORAGES))
 def test_fast_jpeg_lossless_decoder_equals_pydicom(tmp_path, storage):
   """imagecodecs' libljpeg path must give exactly pydicom's stored values, sign included."""
-  from data_tools import dicom
   study = synthetic.make_study(5, 0, 32, storage=storage,
                                transfer_syntax=synthetic.JPEG_LOSSLESS)
   synthetic.write_study(study, str(tmp_path), 'train', None)
@@ -289,7 +289,6 @@ def test_fast_jpeg_lossless_decoder_equals_pydicom(tmp_path, storage):
 
 def test_files_without_preamble_or_file_meta(tmp_path):
   """Old exports: no 128-byte preamble, no file meta; the encoding is inferred."""
-  from data_tools import dicom
   study = synthetic.make_study(9, 0, 32, transfer_syntax=synthetic.IMPLICIT_VR_LE)
   synthetic.write_study(study, str(tmp_path), 'train', None)
   folder = tmp_path / 'train_images' / study.uid

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from configs import common
-from cspine_jax import flops
 from cspine_jax import losses
+from cspine_jax.benchmarks import flops
 from cspine_jax.models.factory import build_backbone as build_model
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cspine_jax import losses
+from cspine_jax import train_lib
 
 LOG2 = math.log(2.0)
 
@@ -149,7 +150,6 @@ def test_unknown_names_raise():
 
 
 def test_mixup_mixes_images_and_labels_with_the_same_weight():
-  from cspine_jax import train_lib
   rng = np.random.default_rng(0)
   y = rng.random((6, 8)).astype(np.float32)
   # Each image is filled with its study's first label: after mixing, the image's value must

@@ -1,6 +1,11 @@
 """Grain pipeline: manifest, folds, determinism across threads/processes, eval coverage."""
 import collections
+import importlib
 
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
 import numpy as np
 import pytest
 
@@ -167,8 +172,6 @@ def test_eval_covers_every_study_once_with_mask(root):
 
 
 def test_to_global_places_rows_on_the_mesh(root):
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
   it, _ = pipeline.make_train_iterator(_cfg(root, num_threads=0), 0, 1)
   batch = next(it)
   mesh = jax.make_mesh((jax.device_count(),), ('data',))
@@ -189,7 +192,6 @@ def test_fallback_crop_for_studies_without_boxes(root):
 
 
 def test_resolve_fills_defaults_and_aliases():
-  import ml_collections
   full = ml_collections.ConfigDict({'seed': 7, 'batch_size': 6, 'data': {
       'root': '/r', 'channels': [(-500.0, 1300.0)], 'input_shape': (32, 32, 32),
       'augment': {'rotate_deg': 3.0}}})
@@ -216,7 +218,6 @@ def test_segmentation_field_in_batches(root):
 def test_project_configs_feed_top_level_batch_size_and_seed_to_the_pipeline(name):
   # A regression: the data block used to carry the pipeline's own defaults (batch 8, seed 0),
   # which won over config.batch_size / config.seed without a word.
-  import importlib
   config = importlib.import_module(f'configs.{name}').get_config()
   config.batch_size = 6
   config.seed = 11

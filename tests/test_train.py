@@ -11,6 +11,10 @@ import time
 import numpy as np
 import pytest
 
+from cspine_jax import eval as eval_lib
+from cspine_jax import metrics
+from cspine_jax import train_loop
+from cspine_jax.data import pipeline
 from tests.conftest import repo_root
 
 
@@ -37,8 +41,6 @@ def _env(devices=1):
 
 
 def test_smoke_run_writes_metrics_checkpoints_and_eval(smoke_config, tmp_path):
-  from cspine_jax import eval as eval_lib
-  from cspine_jax import train_loop
   workdir = str(tmp_path / 'w')
   last = train_loop.train_and_evaluate(smoke_config, workdir, progress=False)
   lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
@@ -66,7 +68,6 @@ def test_smoke_run_writes_metrics_checkpoints_and_eval(smoke_config, tmp_path):
   assert summary['checkpoint_step'] == 6 and summary['scored_studies'] == 10
   assert os.path.exists(summary['roc_png'])
   # The file scorer agrees with the in-memory report.
-  from cspine_jax import metrics
   raw = os.path.dirname(smoke_config.data.root) + '/rsna'
   assert metrics.score_files(os.path.join(raw, 'train.csv'), out)['rsna_score'] == pytest.approx(
       summary['rsna_score'], abs=1e-5)
@@ -127,8 +128,6 @@ def test_two_processes_match_one_process(synthetic_converted, tmp_path):
 
 
 def test_nan_guard_stops_before_a_bad_checkpoint(smoke_config, tmp_path, monkeypatch):
-  from cspine_jax import train_loop
-  from cspine_jax.data import pipeline
   real = pipeline.to_global
   calls = []
 
@@ -154,21 +153,18 @@ def test_nan_guard_stops_before_a_bad_checkpoint(smoke_config, tmp_path, monkeyp
     ('mixup_alpha', -0.2, 'config.mixup_alpha=-0.2'),
 ])
 def test_bad_config_values_name_the_key(smoke_config, tmp_path, key, value, message):
-  from cspine_jax import train_loop
   smoke_config[key] = value
   with pytest.raises(train_loop.ConfigError, match=message.replace('(', r'\(')):
     train_loop.train_and_evaluate(smoke_config, str(tmp_path / 'w'), progress=False)
 
 
 def test_bad_predicted_box_rate_names_the_key(smoke_config, tmp_path):
-  from cspine_jax import train_loop
   smoke_config.data.vertebra_predicted_box_prob = 1.5
   with pytest.raises(train_loop.ConfigError, match=r'config.data.vertebra_predicted_box_prob=1.5'):
     train_loop.train_and_evaluate(smoke_config, str(tmp_path / 'w'), progress=False)
 
 
 def test_missing_dataset_is_a_clear_error(smoke_config, tmp_path):
-  from cspine_jax import train_loop
   smoke_config.data.root = str(tmp_path / 'nothing')
   with pytest.raises(train_loop.ConfigError, match='no manifest.jsonl'):
     train_loop.train_and_evaluate(smoke_config, str(tmp_path / 'w'), progress=False)

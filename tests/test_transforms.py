@@ -10,6 +10,7 @@ from cspine_jax.data import fixtures
 from cspine_jax.data import geometry
 from cspine_jax.data import manifest
 from cspine_jax.data import sources
+from cspine_jax.data import store
 from cspine_jax.data import transforms
 
 
@@ -178,7 +179,7 @@ def test_vertebra_crops_centre_on_each_vertebra(spine):
   np.testing.assert_array_equal(present, [1, 1, 1, 0, 1, 1, 1])
   assert np.all(crops[3] == 0)
   # Each present crop is centred in its bone block (700 HU), with soft tissue around in y/x.
-  seg = reader.read(sources.SEGMENTATIONS, 'u1', (0, 0, 0), study.shape)
+  seg = reader.read(store.SEGMENTATIONS, 'u1', (0, 0, 0), study.shape)
   for v in np.flatnonzero(present):
     np.testing.assert_allclose(crops[v, 3:5, 7:9, 7:9], 700.0, atol=1e-3)
     z0, y0, x0, z1, y1, x1 = study.vertebra_boxes[f'C{v + 1}']

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from cspine_jax import constants
-from cspine_jax import flops
+from cspine_jax.benchmarks import flops
 from cspine_jax.models.factory import build_backbone as build_model
 from cspine_jax.models import heads
 from cspine_jax.models import layers

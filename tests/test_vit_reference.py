@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cspine_jax import flops
+from cspine_jax.benchmarks import flops
 from cspine_jax.models.factory import build_backbone as build_model
-from cspine_jax.models import vit_pytorch_convert
+from tests import vit_pytorch_convert
 
 torch = pytest.importorskip('torch', reason='torch is the reference (test extra)')
 pytest.importorskip('einops', reason='vit_pytorch needs einops')

@@ -16,8 +16,10 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
+from absl import flags
 from absl import logging
 import grain
+import jax
 import numpy as np
 
 from cspine_jax.data import config as data_config
@@ -33,7 +35,6 @@ def _data_config(config):
 
 def _process(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     return jax.process_index(), jax.process_count()
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index}, process_count={process_count}')
@@ -104,7 +105,6 @@ def _to_batches(ds: grain.MapDataset, local_batch: int, cfg) -> grain.IterDatase
 def _ensure_absl_flags_parsed():
   """Grain's worker processes read absl flags; in library use (tests, notebooks) none are
   parsed, which raises UnparsedFlagAccessError (DESIGN.md section 5)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -214,7 +214,6 @@ def to_global(batch: dict[str, Any], sharding) -> dict[str, Any]:
   all processes); rows of process p land at [p * b, (p + 1) * b) of the global batch, matching
   ``ProcessRows``. Non-numeric fields (uids) stay process-local numpy.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   out = {}
   for key, value in batch.items():
     value = np.asarray(value)

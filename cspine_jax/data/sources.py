@@ -18,12 +18,6 @@ import numpy as np
 from cspine_jax.data import manifest as manifest_lib
 from cspine_jax.data import store
 
-# Aliases of the array kinds of ``store`` (the data contract), for code that still names them
-# here (cspine_jax/localize_lib.py, cspine_jax/bench.py, tests/test_transforms.py).
-VOLUMES = store.VOLUMES
-SEGMENTATIONS = store.SEGMENTATIONS
-PREDICTED_SEGMENTATIONS = store.PREDICTED_SEGMENTATIONS
-
 
 class VolumeReader:
   """Reads voxel blocks of the contract's zarr3 arrays; one TensorStore context per process.

@@ -1,8 +1,8 @@
 """Weights of vit_pytorch's `vit_3d.ViT` -> ViT3D (numpy in, no torch import).
 
 vit_pytorch's 3D ViT is the seed's model; mirroring it lets the Flax model be
-checked against it weight for weight (tests/test_vit_reference.py) and lets
-a torch checkpoint of the seed be loaded. The mirrored layout:
+checked against it weight for weight (tests/test_vit_reference.py; a test
+helper, so it lives under tests/). The mirrored layout:
 
   Rearrange 'b c (f pf) (h p1) (w p2) -> b (f h w) (pf p1 p2 c)'  = patchify
   LayerNorm(patch_dim), Linear, LayerNorm(dim)        patch_embed_norm=True

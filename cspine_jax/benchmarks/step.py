@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cspine_jax import flops
 from cspine_jax import parallel
 from cspine_jax import train_lib
+from cspine_jax.benchmarks import flops
 from cspine_jax.models import factory
 
 
@@ -101,7 +101,7 @@ def _vit_pytorch_3d():
 
 
 def _torch_worker(model_cfg: dict, batch: int, lr: float, steps: int, warmup: int, queue):
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # deferred: optional heavy dependency (bench only), in the torch process only
   torch.set_num_threads(os.cpu_count() or 1)
   z, y, x = model_cfg['input_shape']
   pz, py, px = model_cfg['patch_size']
