@@ -6,12 +6,10 @@ blocks labelled C1..C7, Gaussian noise) but have the contract's dtype, layout an
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import numpy as np
-import scipy.ndimage as ndi
 
 from cspine_jax import constants
 from cspine_jax.data import store
@@ -50,16 +48,6 @@ def synthetic_spine(shape: Sequence[int], rng: np.random.Generator, noise_hu: fl
   return volume, seg
 
 
-def boxes_from_segmentation(seg: np.ndarray) -> dict:
-  """{"C1": [z0, y0, x0, z1, y1, x1], ...} (end-exclusive) of labels 1..7 present in ``seg``."""
-  out = {}
-  for label, sl in enumerate(ndi.find_objects(seg, max_label=len(constants.VERTEBRAE)), 1):
-    if sl is not None:
-      out[constants.VERTEBRAE[label - 1]] = [sl[0].start, sl[1].start, sl[2].start,
-                                             sl[0].stop, sl[1].stop, sl[2].stop]
-  return out
-
-
 def write_study(root: str, uid: str, volume: np.ndarray, *, spacing_mm=(1.0, 1.0, 1.0),
                 segmentation: np.ndarray | None = None, labels=None, split: str = 'train',
                 direction=STANDARD_DIRECTION, origin=(0.0, 0.0, 0.0), status: str = 'ok',
@@ -78,16 +66,14 @@ def write_study(root: str, uid: str, volume: np.ndarray, *, spacing_mm=(1.0, 1.0
     if segmentation is not None:
       store.write_array(store.array_path(root, store.SEGMENTATIONS, uid),
                         segmentation.astype(np.uint8), geometry)
-      record['vertebra_boxes'] = boxes_from_segmentation(segmentation)
+      record['vertebra_boxes'] = store.vertebra_boxes(segmentation)
   record.update(extra)
   return record
 
 
 def write_manifest(root: str, records: Sequence[dict]) -> None:
   os.makedirs(root, exist_ok=True)
-  with open(store.manifest_path(root), 'w') as f:
-    for r in records:
-      f.write(json.dumps(r) + '\n')
+  store.write_manifest(root, records)
 
 
 def random_labels(rng: np.random.Generator) -> list[int]:

@@ -28,6 +28,9 @@ from cspine_jax.data import sources
 from cspine_jax.data import store
 
 NUM_VERTEBRAE = len(constants.VERTEBRAE)
+# config.data.crop_mode values (_Crop): one crop of the cervical spine, seven per-vertebra crops,
+# or the whole volume on a coarse grid (the localizer).
+CROP_MODES = ('region', 'vertebrae', 'volume')
 
 
 def _augment(cfg, rng) -> geometry.Augment:
@@ -189,15 +192,20 @@ def make_vertebra_crops(reader: sources.VolumeReader, study, cfg, rng=None):
 
 
 class _Crop:
-  """Shared body of the crop transforms (region or vertebrae, random or not)."""
+  """Shared body of the crop transforms (region, vertebrae or volume, random or not).
+
+  ``cfg.crop_mode`` picks one method once, here (``CROP_MODES``); which mode a model needs is
+  the task table's business (`cspine_jax/models/factory.py`), checked against the config before
+  training.
+  """
 
   def __init__(self, reader: sources.VolumeReader, cfg):
     self._reader = reader
     self._cfg = cfg
-    self._vertebrae = cfg.crop_mode == 'vertebrae'
-    self._volume = cfg.crop_mode == 'volume'
-    if cfg.crop_mode not in ('region', 'vertebrae', 'volume'):
-      raise ValueError(f'crop_mode={cfg.crop_mode!r}')
+    crops = {'region': self._region, 'vertebrae': self._vertebrae, 'volume': self._volume}
+    if cfg.crop_mode not in crops:
+      raise ValueError(f'config.data.crop_mode={cfg.crop_mode!r}: expected one of {CROP_MODES}')
+    self._crop = crops[cfg.crop_mode]
     if cfg.fallback != 'center':
       raise ValueError(f'fallback={cfg.fallback!r}: only "center" exists (see data/config.py)')
 
@@ -205,35 +213,39 @@ class _Crop:
     study = element['study']
     out = _targets(study)
     out['mask'] = np.bool_(element['mask'])
-    if self._vertebrae:
-      shape = (NUM_VERTEBRAE,) + tuple(self._cfg.vertebra_shape)
-      if study is None:
-        out['image'] = np.zeros(shape, np.float32)
-        out['vertebra_mask'] = np.zeros(NUM_VERTEBRAE, bool)
-      else:
-        out['image'], out['vertebra_mask'] = make_vertebra_crops(self._reader, study, self._cfg,
-                                                                 rng)
-    elif self._volume:
-      shape = tuple(self._cfg.input_shape)
-      if study is None:
-        out['image'], out['segmentation'] = np.zeros(shape, np.float32), np.zeros(shape, np.uint8)
-      else:
-        out['image'], out['segmentation'] = make_volume_crop(self._reader, study, self._cfg, rng)
-      out['has_segmentation'] = np.bool_(study is not None and study.has_segmentation)
-    elif self._cfg.with_segmentation:
-      shape = tuple(self._cfg.input_shape)
-      if study is None:
-        out['image'], out['segmentation'] = np.zeros(shape, np.float32), np.zeros(shape, np.uint8)
-      else:
-        out['image'], out['segmentation'] = make_region_crop(self._reader, study, self._cfg, rng,
-                                                             with_segmentation=True)
-      out['has_segmentation'] = np.bool_(study is not None and
-                                         study.segmentation_kind is not None)
-    elif study is None:
-      out['image'] = np.zeros(tuple(self._cfg.input_shape), np.float32)
-    else:
-      out['image'] = make_region_crop(self._reader, study, self._cfg, rng)
+    out.update(self._crop(study, rng))
     return out
+
+  def _vertebrae(self, study, rng) -> dict:
+    if study is None:
+      shape = (NUM_VERTEBRAE,) + tuple(self._cfg.vertebra_shape)
+      return {'image': np.zeros(shape, np.float32),
+              'vertebra_mask': np.zeros(NUM_VERTEBRAE, bool)}
+    image, present = make_vertebra_crops(self._reader, study, self._cfg, rng)
+    return {'image': image, 'vertebra_mask': present}
+
+  def _volume(self, study, rng) -> dict:
+    shape = tuple(self._cfg.input_shape)
+    if study is None:
+      image, seg = np.zeros(shape, np.float32), np.zeros(shape, np.uint8)
+    else:
+      image, seg = make_volume_crop(self._reader, study, self._cfg, rng)
+    return {'image': image, 'segmentation': seg,
+            'has_segmentation': np.bool_(study is not None and study.has_segmentation)}
+
+  def _region(self, study, rng) -> dict:
+    shape = tuple(self._cfg.input_shape)
+    if not self._cfg.with_segmentation:
+      if study is None:
+        return {'image': np.zeros(shape, np.float32)}
+      return {'image': make_region_crop(self._reader, study, self._cfg, rng)}
+    if study is None:
+      image, seg = np.zeros(shape, np.float32), np.zeros(shape, np.uint8)
+    else:
+      image, seg = make_region_crop(self._reader, study, self._cfg, rng, with_segmentation=True)
+    return {'image': image, 'segmentation': seg,
+            'has_segmentation': np.bool_(study is not None and
+                                         study.segmentation_kind is not None)}
 
 
 class RandomCrop(_Crop, grain.transforms.RandomMap):
