@@ -7,11 +7,25 @@ import shutil
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+import pydicom
 import pytest
 
+from configs import demo
+from configs import localizer
 from cspine_jax import constants
+from cspine_jax import localize_lib
+from cspine_jax import losses
+from cspine_jax import predict
 from cspine_jax import seg_metrics
+from cspine_jax import train_loop
+from cspine_jax.data import geometry
+from cspine_jax.data import manifest
+from cspine_jax.data import pipeline
+from cspine_jax.data import store
+from cspine_jax.models import segmenter
 from tests.conftest import repo_root
 
 
@@ -29,8 +43,6 @@ def test_dice_hand_values():
 
 
 def test_segmentation_loss_prefers_the_truth():
-  import jax.numpy as jnp
-  from cspine_jax import losses
   labels = np.zeros((1, 4, 4, 4), np.int32)
   labels[0, 1:3, 1:3, 1:3] = 2
   good = jnp.asarray(np.eye(8)[labels] * 20.0)
@@ -46,8 +58,6 @@ def test_segmentation_loss_prefers_the_truth():
 
 
 def test_token_label_loss_targets_are_patch_histograms():
-  import jax.numpy as jnp
-  from cspine_jax import losses
   labels = np.zeros((1, 4, 2, 2), np.int32)  # two 2x2x2 patches along z
   labels[0, 0, :, :] = 3  # patch 0: half C3 (4 voxels), half background
   labels[0, 2:, :, :] = 5  # patch 1: all C5
@@ -63,7 +73,6 @@ def test_token_label_loss_targets_are_patch_histograms():
 
 
 def test_decoder_neighbourhood_is_the_3x3x3_window():
-  from cspine_jax.models import segmenter
   x = np.arange(2 * 3 * 4 * 5 * 2, dtype=np.float32).reshape(2, 3, 4, 5, 2)
   n = np.asarray(segmenter.neighbourhood(x, 1))
   assert n.shape == (2, 3, 4, 5, 54)
@@ -75,8 +84,6 @@ def test_decoder_neighbourhood_is_the_3x3x3_window():
 
 
 def test_component_filter_keeps_a_split_vertebra_and_drops_far_strays():
-  from cspine_jax import localize_lib
-  from cspine_jax.data import store
   labels = np.zeros((20, 8, 8), np.uint8)
   labels[2:5, 2:6, 2:6] = 3  # C3, upper half
   labels[6:8, 2:6, 2:6] = 3  # C3, lower half, beyond a 1-voxel fracture gap
@@ -91,8 +98,6 @@ def test_component_filter_keeps_a_split_vertebra_and_drops_far_strays():
 
 
 def test_probability_upsampling_places_the_boundary_between_voxel_centres():
-  from cspine_jax import localize_lib
-  from cspine_jax.data import geometry
   # Low-res C1 probability rising linearly along z: p(o) = o / 3 for low-res slices o = 0..3.
   p1 = np.broadcast_to((np.arange(4) / 3.0)[:, None, None], (4, 4, 4))
   probs = np.zeros((4, 4, 4, 8), np.float32)
@@ -118,7 +123,6 @@ def test_probability_upsampling_places_the_boundary_between_voxel_centres():
 
 
 def _localizer_config(root):
-  from configs import localizer
   c = localizer.get_config()
   c.data.root = root
   c.data.input_shape = (16, 16, 16)
@@ -134,7 +138,6 @@ def _localizer_config(root):
 
 
 def test_volume_mode_gives_whole_volume_and_true_mask(synthetic_converted):
-  from cspine_jax.data import pipeline
   c = _localizer_config(synthetic_converted[1])
   c.data.eval_batch_size = 6
   it, n = pipeline.make_eval_iterator(c, 'train', process_index=0, process_count=1)
@@ -149,9 +152,6 @@ def test_volume_mode_gives_whole_volume_and_true_mask(synthetic_converted):
 @pytest.fixture(scope='module')
 def two_stage(synthetic_converted, tmp_path_factory):
   """A tiny localizer and per-vertebra classifier (2 steps each) and a localized copy."""
-  from configs import demo
-  from cspine_jax import train_loop
-  from cspine_jax import localize_lib
   raw, converted = synthetic_converted
   base = tmp_path_factory.mktemp('two_stage')
   data = str(base / 'converted')
@@ -173,9 +173,6 @@ def two_stage(synthetic_converted, tmp_path_factory):
 
 
 def test_localize_writes_masks_boxes_and_resumes(two_stage):
-  from cspine_jax.data import manifest
-  from cspine_jax import localize_lib
-  from cspine_jax.data import store
   data = two_stage['data']
   records = [json.loads(l) for l in open(os.path.join(data, 'manifest.jsonl'))]
   assert records == two_stage['records'] and len(records) == 11
@@ -191,7 +188,6 @@ def test_localize_writes_masks_boxes_and_resumes(two_stage):
       z0, y0, x0, z1, y1, x1 = box
       assert (mask[z0:z1, y0:y1, x0:x1] == constants.VERTEBRAE.index(name) + 1).any()
   # Studies with a true mask are scored on the full grid; the summary is the mean of those.
-  from cspine_jax import seg_metrics
   rows = []
   for r in records:
     state = json.load(open(os.path.join(data, '.localize', r['uid'] + '.json')))
@@ -221,7 +217,6 @@ def test_localize_writes_masks_boxes_and_resumes(two_stage):
 
 
 def test_predict_on_a_dicom_folder(two_stage, tmp_path):
-  from cspine_jax import predict
   folder = os.path.join(two_stage['raw'], 'test_images')
   study = os.path.join(folder, sorted(os.listdir(folder))[0])
   result, png = predict.predict(two_stage['classifier'], two_stage['localizer'], study)
@@ -237,7 +232,6 @@ def test_predict_on_a_dicom_folder(two_stage, tmp_path):
   for name, v in saved['vertebrae'].items():
     assert name in constants.VERTEBRAE
     assert len(v['box_voxel']) == 6 and len(v['box_lps_mm']) == 2 and len(v['center_lps_mm']) == 3
-  from PIL import Image
   img = Image.open(os.path.join(out, 'overlay.png'))
   assert img.format == 'PNG' and img.width > 100
   # Nothing from patient tags (the synthetic data's fake names start with these).
@@ -246,7 +240,6 @@ def test_predict_on_a_dicom_folder(two_stage, tmp_path):
 
 
 def test_predict_bad_folder_fails_clearly_and_writes_nothing(two_stage, tmp_path):
-  import pydicom
   folder = os.path.join(two_stage['raw'], 'test_images')
   src = os.path.join(folder, sorted(os.listdir(folder))[0])
   bad = str(tmp_path / 'mr')
@@ -265,3 +258,27 @@ def test_predict_bad_folder_fails_clearly_and_writes_nothing(two_stage, tmp_path
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert 'modality MR, expected CT' in proc.stderr
   assert not os.path.exists(out)
+
+
+def test_old_layout_workdirs_predict_and_eval_as_before(two_stage, tmp_path):
+  """Workdirs whose checkpoints hold one `state` item (the layout before the model/train split)
+  give the new eval and predict exactly what the same weights give in the new layout."""
+  from cspine_jax import eval as eval_lib
+  from cspine_jax import predict
+  from tests.test_restore import write_legacy_copy
+  old_cls, old_loc = str(tmp_path / 'classifier'), str(tmp_path / 'localizer')
+  write_legacy_copy(two_stage['classifier'], old_cls)
+  write_legacy_copy(two_stage['localizer'], old_loc)
+  assert os.listdir(os.path.join(old_cls, 'checkpoints', '1')).count('state') == 1
+  folder = os.path.join(two_stage['raw'], 'test_images')
+  study = os.path.join(folder, sorted(os.listdir(folder))[0])
+  new, _ = predict.predict(two_stage['classifier'], two_stage['localizer'], study)
+  old, _ = predict.predict(old_cls, old_loc, study)
+  assert old['probabilities'] == new['probabilities'] and old['vertebrae'] == new['vertebrae']
+  assert old['checkpoints'] == new['checkpoints'] == {'classifier': 1, 'localizer': 2}
+  a = eval_lib.run(two_stage['classifier'], two_stage['data'], 'latest',
+                   str(tmp_path / 'new.csv'), split='labelled')
+  b = eval_lib.run(old_cls, two_stage['data'], 'latest', str(tmp_path / 'old.csv'),
+                   split='labelled')
+  assert open(tmp_path / 'new.csv').read() == open(tmp_path / 'old.csv').read()
+  assert a['rsna_score'] == b['rsna_score'] and a['predicted_studies'] == 10
