@@ -29,6 +29,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from cspine_jax import cli
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'data', 'config.py') + ':experiment'
 _CONFIG = config_flags.DEFINE_config_file(
     'config', _DEFAULT_CONFIG, 'Experiment config (the pipeline uses .data; default: the data '
@@ -81,4 +83,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

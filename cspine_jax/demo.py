@@ -28,6 +28,7 @@ import numpy as np
 
 from configs import demo as demo_config
 from configs import localizer as localizer_config
+from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax import eval as eval_lib
 from cspine_jax import evaluate
@@ -218,4 +219,4 @@ def train_and_score(workdir: str, roots: dict[str, str], steps: int | None,
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -28,6 +28,7 @@ import time
 from absl import app
 from absl import flags
 
+from cspine_jax import cli
 from cspine_jax import localize_lib
 from cspine_jax.data import store
 
@@ -62,4 +63,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -4,7 +4,11 @@ r"""Trains a model on a converted dataset, on one device or many hosts.
       --config.data.root=/data/cspine
 
 Running the same command again resumes from the latest checkpoint (parameters, optimizer, step,
-RNG and the input iterator), so a killed run continues exactly where it stopped. Several hosts:
+RNG and the input iterator), so a killed run continues exactly where it stopped; a rerun with a
+changed model, optimizer or data key is refused before anything is written (only the length,
+intervals and data location may change: train_loop.RESUMABLE_KEYS), and a damaged latest
+checkpoint is moved aside with a warning and the previous one resumed. Errors end the command
+with one `error:` line, exit 2 for a bad flag or config (cspine_jax/cli.py). Several hosts:
 add --coordinator_address=HOST:PORT --num_processes=N --process_id=I on each (or
 --distributed_auto on a cluster JAX can detect). Writes, in --workdir:
   config.json          the resolved config
@@ -19,6 +23,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from cspine_jax import cli
 from cspine_jax import parallel
 from cspine_jax import train_loop
 
@@ -47,4 +52,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -16,6 +16,7 @@ import dataclasses
 
 from flax import nnx
 
+from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax.models import cnn25d
 from cspine_jax.models import cnn3d
@@ -24,8 +25,8 @@ from cspine_jax.models import vertebra
 from cspine_jax.models import vit3d
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key."""
+class ConfigError(cli.UsageError):
+  """A config value that cannot work; the message names the key (a usage error: exit 2)."""
 
 
 # config.model.name -> backbone class. Every key of config.model other than those the task
