@@ -2,7 +2,10 @@ r"""The RSNA 2022 metric and the clinical figures, in numpy, and a scorer for Ka
 
   python -m cspine_jax.metrics --solution=train.csv --submission=submission.csv
 
-prints per-target figures and, as its last line, the RSNA score (lower is better).
+prints per-target figures and, as its last line, the RSNA score (lower is better). Exit 2 when a
+flag is missing or a file is not there, 1 when a file is malformed (the message names the file,
+the line and what is wrong: a bad header, a repeated study or row_id, a label that is not 0/1, a
+probability that is not a number in [0, 1]).
 
 RSNA 2022 weighted multi-label log loss (DESIGN.md section 1): per study, over the 8 targets
 (patient_overall, C1..C7), weights 7,1,...,1 where the label is negative and 14,2,...,2 where it is
@@ -12,13 +15,13 @@ probabilities are clipped to [1e-15, 1 - 1e-15].
 from __future__ import annotations
 
 import csv
+import math
 import os
-import sys
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from cspine_jax import cli
 from cspine_jax import constants
 
 EPS = 1e-15
@@ -104,39 +107,95 @@ def report(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dic
 # ---------------------------------------------------------------------------------------------
 
 
-def read_solution(path: str) -> dict[str, np.ndarray]:
-  """train.csv layout (StudyInstanceUID, patient_overall, C1..C7) -> {uid: (8,) labels}."""
-  out = {}
-  with open(path, newline='') as f:
+def _cell(value) -> str:
+  """A CSV cell as shown in an error: short, one line."""
+  if value is None:
+    return 'missing (the row is short)'
+  if not value.strip():
+    return 'empty'
+  return repr(value if len(value) <= 30 else value[:30] + '...')
+
+
+def _csv_rows(path: str, columns, example: str) -> list[tuple[int, dict]]:
+  """(line number, row) of a CSV whose header has every one of ``columns``; else ValueError."""
+  with open(path, newline='', encoding='utf-8-sig') as f:
     reader = csv.DictReader(f)
-    missing = [t for t in ('StudyInstanceUID',) + constants.TARGETS
-               if t not in (reader.fieldnames or [])]
-    if missing:
-      raise ValueError(f'{path}: missing columns {missing}')
-    for row in reader:
-      out[row['StudyInstanceUID']] = np.array([float(row[t]) for t in constants.TARGETS])
+    try:
+      found = reader.fieldnames or []
+      missing = [c for c in columns if c not in found]
+      if missing:
+        header = ','.join(found)
+        header = header if len(header) <= 80 else header[:80] + '...'
+        raise ValueError(f'{path}: missing columns {missing} (header: '
+                         f'{header or "none, empty file"}; want {example})')
+      return [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{path}: not UTF-8 text (byte {e.start})') from None
+    except csv.Error as e:  # e.g. a NUL byte: not a ValueError, would end in a traceback
+      raise ValueError(f'{path}:{reader.line_num}: not CSV ({e})') from None
+
+
+def read_solution(path: str) -> dict[str, np.ndarray]:
+  """train.csv layout (StudyInstanceUID, patient_overall, C1..C7) -> {uid: (8,) labels}.
+
+  ValueError naming the file and line: a missing column, an empty or repeated StudyInstanceUID
+  (which row would be the truth?), a label that is not 0 or 1, no study at all.
+  """
+  out, lines = {}, {}
+  columns = ('StudyInstanceUID',) + constants.TARGETS
+  for line, row in _csv_rows(path, columns, ','.join(columns)):
+    uid = (row['StudyInstanceUID'] or '').strip()
+    if not uid:
+      raise ValueError(f'{path}:{line}: empty StudyInstanceUID')
+    if uid in lines:
+      raise ValueError(f'{path}:{line}: StudyInstanceUID {uid} is already on line {lines[uid]}')
+    labels = []
+    for t in constants.TARGETS:
+      try:
+        value = float(row[t])
+      except (TypeError, ValueError):
+        value = math.nan
+      if value not in (0.0, 1.0):
+        raise ValueError(f'{path}:{line}: column {t}: {_cell(row[t])} is not 0 or 1')
+      labels.append(value)
+    out[uid], lines[uid] = np.array(labels), line
+  if not out:
+    raise ValueError(f'{path}: no study (only a header)')
   return out
 
 
 def read_submission(path: str) -> dict[str, np.ndarray]:
-  """Kaggle submission (row_id = <UID>_<target>, fractured) -> {uid: (8,) probabilities}."""
+  """Kaggle submission (row_id = <UID>_<target>, fractured) -> {uid: (8,) probabilities}.
+
+  ValueError naming the file and line: a missing column, a row_id that is not <UID>_<target> or
+  repeats an earlier one (Kaggle would not say which counts), a probability that is not a number
+  in [0, 1] (NaN included), a study without all 8 rows.
+  """
   values: dict[str, dict[str, float]] = {}
-  with open(path, newline='') as f:
-    reader = csv.DictReader(f)
-    if set(reader.fieldnames or []) < {'row_id', 'fractured'}:
-      raise ValueError(f'{path}: needs columns row_id,fractured')
-    for line, row in enumerate(reader, start=2):
-      uid, _, target = row['row_id'].rpartition('_')
-      if target not in constants.TARGETS:
-        # patient_overall itself contains an underscore.
-        uid, _, rest = row['row_id'].partition('_')
-        target = rest
-      if target not in constants.TARGETS or not uid:
-        raise ValueError(f'{path}:{line}: row_id {row["row_id"]!r} is not <UID>_<target>')
+  lines: dict[str, int] = {}
+  for line, row in _csv_rows(path, ('row_id', 'fractured'), 'row_id,fractured'):
+    row_id = (row['row_id'] or '').strip()
+    uid, _, target = row_id.rpartition('_')
+    if target not in constants.TARGETS:
+      # patient_overall itself contains an underscore.
+      uid, _, rest = row_id.partition('_')
+      target = rest
+    if target not in constants.TARGETS or not uid:
+      raise ValueError(f'{path}:{line}: row_id {_cell(row["row_id"])} is not <UID>_<target> '
+                       f'(target one of {",".join(constants.TARGETS)})')
+    if row_id in lines:
+      raise ValueError(f'{path}:{line}: row_id {row_id} is already on line {lines[row_id]}')
+    lines[row_id] = line
+    try:
       p = float(row['fractured'])
-      if not 0 <= p <= 1:
-        raise ValueError(f'{path}:{line}: fractured={p} is not a probability')
-      values.setdefault(uid, {})[target] = p
+    except (TypeError, ValueError):
+      raise ValueError(f'{path}:{line}: fractured {_cell(row["fractured"])} is not a '
+                       'number') from None
+    if not 0 <= p <= 1:  # NaN too: every comparison with it is false
+      raise ValueError(f'{path}:{line}: fractured={p} is not a probability in [0, 1]')
+    values.setdefault(uid, {})[target] = p
+  if not values:
+    raise ValueError(f'{path}: no prediction (only a header)')
   out = {}
   for uid, d in values.items():
     missing = [t for t in constants.TARGETS if t not in d]
@@ -175,20 +234,22 @@ def main(argv=None) -> None:
   flags.DEFINE_string('submission', None, 'Kaggle submission: row_id,fractured.')
   flags.DEFINE_float('threshold', 0.5, 'Threshold for patient sensitivity/specificity.')
 
-  def run(_):
+  def run(args):
     fl = flags.FLAGS
+    if len(args) > 1:
+      raise cli.UsageError(f'unexpected arguments {args[1:]} (flags are --name=value)')
     if not fl.solution or not fl.submission:
-      raise app.UsageError('--solution and --submission are required')
-    try:
-      r = score_files(fl.solution, fl.submission, fl.threshold)
-    except (OSError, ValueError) as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
+      raise cli.UsageError('--solution and --submission are required')
+    for name in ('solution', 'submission'):
+      if not os.path.isfile(fl[name].value):
+        raise cli.UsageError(f'--{name}={fl[name].value}: no such file')
+    # A malformed file raises ValueError naming it: cli.run ends with that line and exit 1.
+    r = score_files(fl.solution, fl.submission, fl.threshold)
     for k, v in r.items():
       print(f'{k}: {v:.6f}' if isinstance(v, float) else f'{k}: {v}')
     print(f'{r["rsna_score"]:.6f}')
 
-  app.run(run, argv=argv)
+  cli.run(run, argv=argv)
 
 
 if __name__ == '__main__':

@@ -24,9 +24,10 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
+
+from cspine_jax import cli  # absl only: the measured SimpleITK processes stay light
 
 FLAGS = flags.FLAGS
 
@@ -56,7 +57,11 @@ def _timed_child(code: str) -> tuple[float, float, dict]:
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=False)
   seconds = time.perf_counter() - start
   if proc.returncode != 0:
-    raise RuntimeError(proc.stderr[-2000:])
+    # One line: the child's last (its exception's); the whole stderr under CSPINE_TRACEBACK=1.
+    if cli.traceback_wanted():
+      sys.stderr.write(proc.stderr)
+    last = ([l for l in proc.stderr.splitlines() if l.strip()] or ['no output'])[-1]
+    raise cli.Failure(f'a benchmark process failed (exit {proc.returncode}): {last.strip()}')
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   return seconds, result.pop('peak_rss_mib'), result
 
@@ -135,7 +140,13 @@ def define_flags():
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise cli.UsageError(f'unexpected arguments {argv[1:]} (flags are --name=value)')
+  if FLAGS.input and not os.path.isdir(os.path.join(FLAGS.input, 'train_images')):
+    raise cli.UsageError(f'--input {FLAGS.input}: no train_images/ folder in it (the RSNA layout)')
+  if FLAGS.workers < 1 or FLAGS.studies < 1 or FLAGS.size < 32:
+    raise cli.UsageError(f'--workers={FLAGS.workers} --studies={FLAGS.studies} '
+                         f'--size={FLAGS.size}: need --workers >= 1, --studies >= 1, --size >= 32')
   scratch = FLAGS.scratch or tempfile.mkdtemp(prefix='bench_convert_')
   try:
     root = FLAGS.input
@@ -157,4 +168,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -15,8 +15,11 @@ Studies run in parallel processes (spawned: TensorStore is never used across for
 written under a temporary name and moved into place when complete; a rerun skips finished studies
 and retries failed ones, so `kill -9` at any time loses nothing: workers die with the command (a
 rerun waits for any that outlive it), and a second command on the same OUTPUT is refused. The
-command exits non-zero, after converting everything it can, when any study failed; the manifest
-says why.
+command exits 1, after converting everything it can, when any study failed (the manifest says
+why), and 1 before writing anything when INPUT holds no study folder or a malformed train.csv /
+train_bounding_boxes.csv (the message names the file, line and column); 2 for a usage error (a
+missing or bad flag, an INPUT that is not there). A study folder not named by a DICOM UID fails
+and is reported by its position ("study folder #3 of train_images/"), never by its name.
 """
 from __future__ import annotations
 
@@ -24,18 +27,18 @@ import concurrent.futures
 import csv
 import ctypes
 import fcntl
+import math
 import multiprocessing
 import os
-import re
 import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 from tqdm import tqdm
 
+from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax.data import store
 from data_tools import dicom
@@ -47,17 +50,21 @@ FORMAT_VERSION = 1
 # worker holds WORKERS_LOCK shared while it lives.
 RUN_LOCK = os.path.join(STATE_DIR, 'convert.lock')
 WORKERS_LOCK = os.path.join(STATE_DIR, 'workers.lock')
-_UID_RE = re.compile(r'^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$')
+EXPECTED_LAYOUT = ('train_images/<StudyInstanceUID>/*.dcm and/or test_images/<StudyInstanceUID>/'
+                   '*.dcm (the RSNA layout), or <StudyInstanceUID>/*.dcm folders directly in it')
 
 
 def is_valid_uid(uid: str) -> bool:
-  """A DICOM UID: digits in dot-separated components without leading zeros, <= 64 chars."""
-  return isinstance(uid, str) and len(uid) <= 64 and bool(_UID_RE.match(uid))
+  """A DICOM UID: digits in dot-separated components without leading zeros, <= 64 chars.
+
+  The only study folder names the converter accepts (the RSNA layout names each study's folder
+  by its StudyInstanceUID); anything else may be a patient's name and is never echoed.
+  """
+  return store.is_dicom_uid(uid)
 
 
-def _safe_label(name: str) -> str:
-  """A printable stand-in for an invalid folder name (never used in a path)."""
-  return ''.join(c if c.isalnum() or c in '._-' else '?' for c in name)[:80]
+class OutputBusy(cli.Failure, RuntimeError):
+  """Another data_tools.convert holds --output's lock."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,49 +73,113 @@ def _safe_label(name: str) -> str:
 
 
 def discover(root: str) -> list[dict]:
-  """Study jobs: {uid, split, folder, segmentation} for every study folder under ``root``."""
+  """Study jobs: {uid, split, folder, segmentation, refused} for every study folder of ``root``.
+
+  A folder whose name is not a DICOM UID (e.g. "Smith John 1960") is a job too, so that it is
+  counted and reported as failed, but under a stand-in uid naming its position only,
+  "invalid-folder-<split>-<n>" (the n-th study folder of its parent in name order), and with
+  ``refused`` saying why: the name itself may be a patient's and never reaches a path, the
+  manifest or a log. Not a hash of the name either: a short hash of a name is found again by
+  hashing a list of names.
+  """
   splits = [s for s in ('train', 'test') if os.path.isdir(os.path.join(root, f'{s}_images'))]
-  folders = []
-  if splits:
-    for split in splits:
-      base = os.path.join(root, f'{split}_images')
-      folders += [(name, split, os.path.join(base, name)) for name in sorted(os.listdir(base))]
-  else:
-    folders = [(name, 'test', os.path.join(root, name)) for name in sorted(os.listdir(root))]
+  bases = ([(s, os.path.join(root, f'{s}_images'), f'{s}_images/') for s in splits] if splits
+           else [('test', root, '--input')])
   seg_dir = os.path.join(root, store.INPUT_SEGMENTATIONS)
   jobs = []
-  for name, split, folder in folders:
-    if name.startswith('.') or not os.path.isdir(folder):
-      continue
-    seg = None
-    for ext in ('.nii', '.nii.gz'):
-      cand = os.path.join(seg_dir, name + ext)
-      if is_valid_uid(name) and os.path.isfile(cand):
-        seg = cand
-    jobs.append({'uid': name, 'split': split, 'folder': folder, 'segmentation': seg})
+  for split, base, shown in bases:
+    names = [n for n in sorted(os.listdir(base))
+             if not n.startswith('.') and os.path.isdir(os.path.join(base, n))
+             and not (base == root and n == store.INPUT_SEGMENTATIONS)]  # the masks, not a study
+    for position, name in enumerate(names, start=1):
+      job = {'uid': name, 'split': split, 'folder': os.path.join(base, name),
+             'segmentation': None, 'refused': None}
+      if not is_valid_uid(name):
+        job['uid'] = f'invalid-folder-{split}-{position}'
+        job['refused'] = (f'study folder #{position} of {shown} (folders in name order) is not '
+                          'named by a valid DICOM StudyInstanceUID; the name is not shown (it '
+                          "may hold patient data): rename the folder to the study's UID")
+      else:
+        for ext in ('.nii', '.nii.gz'):
+          cand = os.path.join(seg_dir, name + ext)
+          if os.path.isfile(cand):
+            job['segmentation'] = cand
+      jobs.append(job)
   return jobs
 
 
+def _cell(value) -> str:
+  """A CSV cell as shown in an error: short, one line."""
+  if value is None:
+    return 'missing (the row is short)'
+  if not value.strip():
+    return 'empty'
+  return repr(value if len(value) <= 20 else value[:20] + '...')
+
+
+def _csv_rows(path: str, columns) -> list[tuple[int, dict]]:
+  """(line number, row) of a CSV file that has ``columns``; ValueError naming the file else."""
+  with open(path, newline='', encoding='utf-8-sig') as f:
+    reader = csv.DictReader(f)
+    try:
+      missing = [c for c in columns if c not in (reader.fieldnames or [])]
+      if missing:
+        raise ValueError(f'{path}: no column {", ".join(missing)} in the header line (want '
+                         f'{",".join(columns)})')
+      return [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{path}: not UTF-8 text (byte {e.start})') from None
+    except csv.Error as e:  # e.g. a NUL byte: not a ValueError, would end in a traceback
+      raise ValueError(f'{path}:{reader.line_num}: not CSV ({e})') from None
+
+
 def read_labels(root: str) -> dict[str, list[int]]:
+  """{uid: 8 labels} of ROOT/train.csv; ValueError naming the file, line and column of a label
+  that is not 0 or 1, or of a study listed twice (which of its rows would be the truth?)."""
   path = os.path.join(root, 'train.csv')
   if not os.path.isfile(path):
     return {}
-  out = {}
-  with open(path, newline='') as f:
-    for row in csv.DictReader(f):
-      out[row['StudyInstanceUID']] = [int(float(row[t])) for t in constants.TARGETS]
+  out, lines = {}, {}
+  for line, row in _csv_rows(path, ('StudyInstanceUID',) + constants.TARGETS):
+    labels = []
+    for t in constants.TARGETS:
+      try:
+        value = float(row[t])
+      except (TypeError, ValueError):
+        value = math.nan
+      if value not in (0.0, 1.0):
+        raise ValueError(f'{path}:{line}: column {t}: {_cell(row[t])} is not 0 or 1')
+      labels.append(int(value))
+    uid = (row['StudyInstanceUID'] or '').strip()
+    if not is_valid_uid(uid):
+      continue  # no study folder can have this name (and it is not echoed: it may be a name)
+    if uid in lines:
+      raise ValueError(f'{path}:{line}: study {uid} is already on line {lines[uid]}')
+    out[uid], lines[uid] = labels, line
   return out
 
 
 def read_boxes(root: str) -> dict[str, list[dict]]:
+  """{uid: [box]} of ROOT/train_bounding_boxes.csv; ValueError naming the file, line and column
+  of a value that is not a finite number (slice_number: not a whole number)."""
   path = os.path.join(root, 'train_bounding_boxes.csv')
   if not os.path.isfile(path):
     return {}
+  keys = ('x', 'y', 'width', 'height', 'slice_number')
   out: dict[str, list[dict]] = {}
-  with open(path, newline='') as f:
-    for row in csv.DictReader(f):
-      out.setdefault(row['StudyInstanceUID'], []).append(
-          {k: float(row[k]) for k in ('x', 'y', 'width', 'height', 'slice_number')})
+  for line, row in _csv_rows(path, ('StudyInstanceUID',) + keys):
+    box = {}
+    for k in keys:
+      try:
+        box[k] = float(row[k])
+      except (TypeError, ValueError):
+        box[k] = math.nan
+      if not math.isfinite(box[k]) or (k == 'slice_number' and not box[k].is_integer()):
+        raise ValueError(f'{path}:{line}: column {k}: {_cell(row[k])} is not a '
+                         f'{"slice number" if k == "slice_number" else "number"}')
+    uid = (row['StudyInstanceUID'] or '').strip()
+    if is_valid_uid(uid):
+      out.setdefault(uid, []).append(box)
   return out
 
 
@@ -140,11 +211,12 @@ def _fracture_boxes(rows, slice_files, warnings) -> list[dict]:
 
 def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dict]) -> dict:
   """Converts one study; returns its manifest record (status "ok" or the error)."""
-  uid = job['uid']
-  record = {'uid': uid if is_valid_uid(uid) else _safe_label(uid), 'split': job['split'],
-            'status': 'ok', 'warnings': [], 'labels': labels, 'format_version': FORMAT_VERSION}
-  if not is_valid_uid(uid):
-    record['status'] = 'error: the study folder name is not a valid DICOM StudyInstanceUID'
+  uid = job['uid']  # a DICOM UID, or discover's stand-in for a refused folder name
+  record = {'uid': uid, 'split': job['split'], 'status': 'ok', 'warnings': [], 'labels': labels,
+            'format_version': FORMAT_VERSION}
+  if job.get('refused') or not is_valid_uid(uid):
+    record['status'] = 'error: ' + (job.get('refused') or 'the study folder name is not a valid '
+                                    'DICOM StudyInstanceUID')
     return record
   try:
     series = dicom.read_series(job['folder'])
@@ -253,8 +325,8 @@ def _lock_output(out: str):
     fcntl.flock(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
     run_lock.close()
-    raise RuntimeError(f'--output {out} is being written by another data_tools.convert '
-                       f'(it holds {os.path.join(out, RUN_LOCK)}); wait for it to finish') from None
+    raise OutputBusy(f'--output {out} is being written by another data_tools.convert '
+                     f'(it holds {os.path.join(out, RUN_LOCK)}); wait for it to finish') from None
   with open(os.path.join(out, WORKERS_LOCK), 'a') as workers:
     fcntl.flock(workers, fcntl.LOCK_EX)  # blocks while a killed run's worker still lives
   return run_lock
@@ -279,22 +351,35 @@ def _done(out: str, record: dict | None) -> bool:
 
 
 def run(input_root: str, out: str, workers: int, progress: bool = True) -> list[dict]:
-  """Converts every study of ``input_root`` not already done; returns all manifest records."""
+  """Converts every study of ``input_root`` not already done; returns all manifest records.
+
+  Raises, before anything is written: cli.UsageError when --input is not a folder or --output
+  not one; cli.Failure when no study folder is found; ValueError naming the line of a malformed
+  train.csv or train_bounding_boxes.csv.
+  """
   input_root, out = os.path.abspath(input_root), os.path.abspath(out)
   if not os.path.isdir(input_root):
-    raise FileNotFoundError(f'--input {input_root} is not a folder')
+    what = 'does not exist' if not os.path.exists(input_root) else 'is not a folder'
+    raise cli.UsageError(f'--input {input_root} {what}')
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise cli.UsageError(f'--output {out} is a file, not a folder')
+  jobs = discover(input_root)
+  if not jobs:
+    # Converting nothing "successfully" hides a wrong --input (a parent folder, a typo'd split).
+    raise cli.Failure(f'no study folder found under --input {input_root}: expected '
+                      f'{EXPECTED_LAYOUT}')
+  labels, boxes = read_labels(input_root), read_boxes(input_root)
   os.makedirs(out, exist_ok=True)
   run_lock = _lock_output(out)
   try:
-    return _run_locked(input_root, out, workers, progress)
+    return _run_locked(jobs, labels, boxes, out, workers, progress)
   finally:
     run_lock.close()
 
 
-def _run_locked(input_root: str, out: str, workers: int, progress: bool) -> list[dict]:
+def _run_locked(jobs: list[dict], labels: dict, boxes: dict, out: str, workers: int,
+                progress: bool) -> list[dict]:
   store.clean_temporaries(out, (store.VOLUMES, store.SEGMENTATIONS, STATE_DIR))
-  jobs = discover(input_root)
-  labels, boxes = read_labels(input_root), read_boxes(input_root)
   job_records = store.JobRecords(out, STATE_DIR)
   records, todo = {}, []
   for job in jobs:
@@ -340,7 +425,8 @@ def _run_locked(input_root: str, out: str, workers: int, progress: bool) -> list
         record = {'uid': job['uid'], 'split': job['split'], 'warnings': [], 'labels': a[2],
                   'format_version': FORMAT_VERSION,
                   'status': 'error: the conversion process crashed on this study'}
-        job_records.save(record)
+        if is_valid_uid(job['uid']):
+          job_records.save(record)
         finish(record)
   if bar:
     bar.close()
@@ -362,11 +448,12 @@ def define_flags():
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise cli.UsageError(f'unexpected arguments {argv[1:]} (flags are --name=value)')
   if not FLAGS.input or not FLAGS.output:
-    raise app.UsageError('--input and --output are required')
+    raise cli.UsageError('--input and --output are required')
   if FLAGS.workers < 0:
-    raise app.UsageError('--workers must be >= 0')
+    raise cli.UsageError(f'--workers={FLAGS.workers}: must be >= 0 (0: all cores)')
   workers = FLAGS.workers or os.cpu_count() or 1
   start = time.time()
   records = run(FLAGS.input, FLAGS.output, workers, FLAGS.progress)
@@ -377,11 +464,14 @@ def main(argv):
         f'{sum(len(r["warnings"]) for r in records)} warnings, in {time.time() - start:.1f} s '
         f'-> {store.manifest_path(FLAGS.output)}')
   for r in failed:
-    print(f'FAILED {r["uid"]}: {r["status"][len("error: "):]}')
+    print(f'FAILED {r["uid"]}: {r["status"][len("error: "):]}', flush=True)
   if failed:
-    sys.exit(1)
+    # The command's last line, as cli.run ends any failure: what went wrong and where to look.
+    print(f'error: {len(failed)} of {len(records)} studies failed (FAILED lines above; the '
+          f'reasons are also in {store.manifest_path(FLAGS.output)})', file=sys.stderr)
+    sys.exit(cli.FAILURE)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

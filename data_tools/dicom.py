@@ -15,11 +15,12 @@ The policy for bad input (each raises ``StudyError`` naming the file, or adds a 
 | gap in z (missing slice) or spacing off by >10%  | study fails (we never invent slices)         |
 | spacing jitter between 1% and 10%                | warning; the median spacing is used          |
 | orientation, pixel spacing or matrix size that   | study fails                                  |
-|   differ between slices; gantry tilt; non-axial  |                                              |
+|   differ between slices; gantry tilt; non-axial  |   (tilt: slice normal or GantryDetectorTilt  |
+|                                                  |   more than MAX_TILT_DEG from the S axis)    |
 | HU outside int16, or non-integer rescale         | values clipped / rounded, warning            |
 
 Nothing from patient or institution tags is ever read into the result, messages or warnings.
-Pixels are decoded one slice at a time straight from each file (pydicom with pylibjpeg/GDCM;
+Pixels are decoded one slice at a time straight from each file (pydicom with its GDCM plugin;
 JPEG Lossless through imagecodecs' libljpeg, ~4x faster, bit-identical, pydicom as fallback).
 Slices are ordered by ImagePositionPatient projected on the slice normal (the cross product of
 the ImageOrientationPatient vectors), never by file name or InstanceNumber, and the volume is
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 
 import imagecodecs
@@ -38,7 +40,21 @@ from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
 
-class StudyError(Exception):
+from cspine_jax import cli
+
+# Axial means the slice normal (row x column of ImageOrientationPatient) within MAX_TILT_DEG of
+# the patient's S axis, and GantryDetectorTilt (when present) within it too; beyond, the study
+# fails (the README's bad-input policy: gantry tilt and non-axial series are not converted).
+# 2 degrees: headers round a truly axial orientation by < 0.01 degree and scanners that do not
+# tilt write 0, so anything above is a real tilt, not noise; and a tilt the geometry does not
+# show (axial orientation, GantryDetectorTilt set) shifts the slices of a 250 mm series by
+# 250 * tan(2 deg) = 9 mm from end to end. Synthetic studies (mirrored rows, feet-first) are
+# exactly axial: only the normal's sign changes.
+MAX_TILT_DEG = 2.0
+NOT_AXIAL_DEG = 45.0  # beyond this the series is sagittal/coronal-ish, not a tilted axial one
+
+
+class StudyError(cli.Failure):
   """A study that cannot be converted; the message names the file and what is wrong."""
 
 
@@ -130,9 +146,7 @@ def _choose_series(files, warnings) -> list[tuple[str, pydicom.Dataset]]:
     elif 'ImageOrientationPatient' not in ds0 or 'ImagePositionPatient' not in ds0:
       reason = 'no geometry'
     else:
-      normal = np.cross(*np.array([float(v) for v in ds0.ImageOrientationPatient]).reshape(2, 3))
-      if abs(normal[2]) < 0.9:
-        reason = 'not axial'
+      reason = _tilt_problem(ds0)
     (others if reason else candidates).append((len(members), uid, members, reason))
   if not candidates:
     reasons = sorted({f'{r} ({n} file{"s" if n > 1 else ""}, e.g. {m[0][0]})'
@@ -148,6 +162,39 @@ def _choose_series(files, warnings) -> list[tuple[str, pydicom.Dataset]]:
   for n, _, members, _ in candidates[1:]:
     warnings.append(f'ignored a smaller axial CT series of {n} file(s), e.g. {members[0][0]}')
   return candidates[0][2]
+
+
+def _tilt_problem(ds: pydicom.Dataset) -> str | None:
+  """Why a CT slice's series is not axial (oblique, gantry-tilted, sagittal...), or None."""
+  try:
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient], float).reshape(2, 3)
+  except (TypeError, ValueError):
+    return 'unreadable ImageOrientationPatient'
+  normal = np.cross(iop[0], iop[1])
+  norm = float(np.linalg.norm(normal))
+  if not np.isfinite(norm) or norm < 0.5:  # the two directions are not (near) orthonormal
+    return f'degenerate ImageOrientationPatient {_numbers(iop.ravel())}'
+  # The normal's sign (feet-first, mirrored rows) does not matter: only its angle to the S axis.
+  angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])) / norm)))
+  tilt = None
+  if 'GantryDetectorTilt' in ds and ds.GantryDetectorTilt not in (None, ''):
+    try:
+      tilt = float(ds.GantryDetectorTilt)
+    except (TypeError, ValueError):
+      return f'unreadable GantryDetectorTilt {str(ds.GantryDetectorTilt)[:20]!r}'
+  orientation = (f'slice normal {angle:.1f} degrees from the patient\'s S axis '
+                 f'(ImageOrientationPatient {_numbers(iop.ravel())})')
+  if angle > NOT_AXIAL_DEG:
+    return f'not axial: {orientation}'
+  if angle > MAX_TILT_DEG or (tilt is not None and abs(tilt) > MAX_TILT_DEG):
+    shown = f'GantryDetectorTilt {tilt:g} degrees, ' if tilt is not None else ''
+    return (f'gantry tilt or oblique slices: {shown}{orientation}; at most {MAX_TILT_DEG:g} '
+            'degrees is converted')
+  return None
+
+
+def _numbers(values) -> str:
+  return '[' + ', '.join(f'{float(v):.4g}' for v in values) + ']'
 
 
 def read_series(folder: str) -> Series:

@@ -23,9 +23,8 @@ import csv
 import dataclasses
 import multiprocessing
 import os
-import tempfile
+import secrets
 
-from absl import app
 from absl import flags
 import gdcm
 import nibabel as nib
@@ -34,6 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import generate_uid
 
+from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax.data import store
 from data_tools import phantom as phantom_lib
@@ -313,7 +313,9 @@ def write_study(study: Study, output: str, split: str = 'train', seg_layout=None
   os.makedirs(images, exist_ok=True)
   final = os.path.join(images, study.uid)
   if not os.path.isdir(final):
-    tmp = tempfile.mkdtemp(prefix='.tmp-', dir=images)
+    # Not tempfile.mkdtemp: its folders are 0700, unreadable by the other users of shared data.
+    tmp = os.path.join(images, f'.tmp-{secrets.token_hex(8)}')
+    os.mkdir(tmp, 0o777)  # the umask's permissions
     write_series(study, tmp)
     os.replace(tmp, final)
   if seg_layout is not None:
@@ -391,11 +393,17 @@ def define_flags():
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise cli.UsageError(f'unexpected arguments {argv[1:]} (flags are --name=value)')
   if not FLAGS.output:
-    raise app.UsageError('--output is required')
+    raise cli.UsageError('--output is required')
   if FLAGS.studies < 1 or FLAGS.size < 32:
-    raise app.UsageError('--studies must be >= 1 and --size >= 32')
+    raise cli.UsageError(f'--studies={FLAGS.studies} --size={FLAGS.size}: need --studies >= 1 '
+                         'and --size >= 32')
+  if FLAGS.test_studies < 0 or FLAGS.workers < 0 or not 0 <= FLAGS.seg_fraction <= 1:
+    raise cli.UsageError('need --test_studies >= 0, --workers >= 0 and 0 <= --seg_fraction <= 1')
+  if os.path.exists(FLAGS.output) and not os.path.isdir(FLAGS.output):
+    raise cli.UsageError(f'--output {FLAGS.output} is a file, not a folder')
   workers = FLAGS.workers or os.cpu_count() or 1
   records = generate(FLAGS.output, FLAGS.studies, FLAGS.size, FLAGS.seed, FLAGS.test_studies,
                      FLAGS.seg_fraction, workers)
@@ -406,4 +414,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -1,6 +1,7 @@
 """Bad input: each troublesome study gets its documented policy, a message naming the file, and the
 batch goes on; failed studies leave no volume and the command exits non-zero."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -14,6 +15,10 @@ from cspine_jax.data import store
 from data_tools import synthetic
 
 SIZE = 32
+# Study folder names that are not DICOM UIDs (a patient's name, as PACS exports write them): each
+# study fails, counted and listed, and the name reaches no output, log or path.
+HOSTILE_NAMES = {'bad_uid': 'Patient_Smith', 'spaces_name': 'Smith John 1960'}
+TILT_DEG = 22.0  # a real gantry-tilted study: IOP [1, 0, 0, 0, 0.927, -0.375], tilt -22
 
 
 def _edit(path, **tags):
@@ -33,7 +38,8 @@ def bad_root(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('bad'))
   cases, records = {}, []
   kinds = ['good', 'truncated', 'not_dicom_file', 'mr', 'localizer', 'duplicate', 'missing',
-           'orientation', 'spacing', 'same_position', 'bad_uid']
+           'orientation', 'spacing', 'same_position', 'bad_uid', 'spaces_name', 'tilted',
+           'tilt_tag']
   for i, kind in enumerate(kinds):
     study = synthetic.make_study(11, i, SIZE, labels=np.zeros(8, int),
                                  transfer_syntax=synthetic.EXPLICIT_VR_LE)
@@ -69,8 +75,25 @@ def bad_root(tmp_path_factory):
       other = names[names.index(mid) + 1]
       pos = pydicom.dcmread(os.path.join(folder, other)).ImagePositionPatient
       _edit(os.path.join(folder, mid), ImagePositionPatient=pos)
-    elif kind == 'bad_uid':
-      os.rename(folder, os.path.join(root, 'train_images', 'Patient_Smith_scan'))
+    elif kind in HOSTILE_NAMES:
+      os.rename(folder, os.path.join(root, 'train_images', HOSTILE_NAMES[kind]))
+    elif kind == 'tilted':
+      # Oblique slices stacked along their own (tilted) normal: a consistent geometry that only
+      # the angle to the patient's S axis gives away.
+      c, s = math.cos(math.radians(TILT_DEG)), math.sin(math.radians(TILT_DEG))
+      normal = np.array([0.0, s, c])  # row (1, 0, 0) x column (0, c, -s)
+      for n in names:
+        path = os.path.join(folder, n)
+        z = float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2])
+        k = (study.origin[2] - z) / study.spacing[0]  # slice index, from the top
+        pos = study.origin - k * study.spacing[0] * normal
+        _edit(path, ImageOrientationPatient=[1, 0, 0, 0, round(c, 6), round(-s, 6)],
+              ImagePositionPatient=[round(float(v), 4) for v in pos],
+              GantryDetectorTilt=-TILT_DEG)
+    elif kind == 'tilt_tag':
+      # Axial-looking geometry, but the scanner says its gantry was tilted.
+      for n in names:
+        _edit(os.path.join(folder, n), GantryDetectorTilt=-TILT_DEG)
     cases[kind] = (study, mid)
   synthetic.write_csvs(root, records)
   return root, cases
@@ -88,10 +111,16 @@ def converted(bad_root, tmp_path_factory):
   return out, proc, records
 
 
+def _stand_in(bad_root, kind):
+  """The uid the converter gives a refused folder: its position among the study folders."""
+  folders = sorted(os.listdir(os.path.join(bad_root[0], 'train_images')))
+  return f'invalid-folder-train-{folders.index(HOSTILE_NAMES[kind]) + 1}'
+
+
 def _record(converted, bad_root, kind):
   _, cases = bad_root
   _, _, records = converted
-  uid = 'Patient_Smith_scan' if kind == 'bad_uid' else cases[kind][0].uid
+  uid = _stand_in(bad_root, kind) if kind in HOSTILE_NAMES else cases[kind][0].uid
   return next(r for r in records if r['uid'] == uid)
 
 
@@ -102,7 +131,13 @@ FAILS = {
     'orientation': 'ImageOrientationPatient differs',
     'spacing': 'PixelSpacing',
     'same_position': 'two different slices at the same position',
-    'bad_uid': 'not a valid DICOM StudyInstanceUID',
+    'bad_uid': 'not named by a valid DICOM StudyInstanceUID',
+    'spaces_name': 'not named by a valid DICOM StudyInstanceUID',
+    'tilted': f'gantry tilt or oblique slices: GantryDetectorTilt -22 degrees, slice normal '
+              f'{TILT_DEG:.1f} degrees from the patient\'s S axis (ImageOrientationPatient '
+              '[1, 0, 0, 0, 0.9272, -0.3746])',
+    'tilt_tag': 'gantry tilt or oblique slices: GantryDetectorTilt -22 degrees, slice normal '
+                '0.0 degrees',
 }
 WARNS = {
     'not_dicom_file': 'README.txt: not a DICOM file, ignored',
@@ -111,12 +146,43 @@ WARNS = {
 }
 
 
-def test_exit_code_and_summary(converted):
+def test_exit_code_and_summary(converted, bad_root):
   _, proc, records = converted
   assert proc.returncode == 1
-  assert len(records) == 11
+  assert len(records) == len(bad_root[1])  # every folder counted, hostile names included
+  assert f'{len(bad_root[1]) - len(FAILS)} studies converted' in proc.stdout
   assert f'{len(FAILS)} failed' in proc.stdout
   assert proc.stdout.count('FAILED ') == len(FAILS)
+  for kind in FAILS:
+    assert f'FAILED {_record(converted, bad_root, kind)["uid"]}: ' in proc.stdout
+  # The command's last line says it failed and where the reasons are; no traceback.
+  assert proc.stderr.strip().splitlines()[-1].startswith(f'error: {len(FAILS)} of ')
+  assert 'Traceback' not in proc.stderr
+
+
+def test_hostile_folder_names_are_reported_by_position_only(converted, bad_root):
+  """Before: "Smith John 1960" vanished from manifest and counts (stored under a mangled name,
+  looked up by the real one), and "Patient_Smith" was written verbatim into the manifest and the
+  log. Now each is failed and listed as "study folder #n", and no byte of any output, of stdout or
+  of stderr holds the name or a part of it."""
+  out, proc, _ = converted
+  needles = [n.encode() for n in HOSTILE_NAMES.values()] + [b'Smith', b'Patient_']
+  blobs = {'stdout': proc.stdout.encode(), 'stderr': proc.stderr.encode()}
+  for dirpath, dirnames, files in os.walk(out):
+    for name in dirnames + files:
+      blobs[os.path.join(dirpath, name) + ' (name)'] = name.encode()
+    for name in files:
+      with open(os.path.join(dirpath, name), 'rb') as f:
+        blobs[os.path.join(dirpath, name)] = f.read()
+  for where, blob in blobs.items():
+    for needle in needles:
+      assert needle not in blob, (where, needle)
+  folders = sorted(os.listdir(os.path.join(bad_root[0], 'train_images')))
+  for kind, name in HOSTILE_NAMES.items():
+    rec = _record(converted, bad_root, kind)
+    assert rec['uid'] == f'invalid-folder-train-{folders.index(name) + 1}'
+    assert f'study folder #{folders.index(name) + 1} of train_images/' in rec['status']
+  assert len(store.read_manifest(out)) == len(bad_root[1])  # stand-ins are valid manifest uids
 
 
 @pytest.mark.parametrize('kind', sorted(FAILS))
@@ -127,6 +193,9 @@ def test_failed_study_policy(converted, bad_root, kind):
   assert FAILS[kind] in rec['status'], rec['status']
   if kind in ('truncated', 'orientation', 'spacing', 'same_position'):
     assert bad_root[1][kind][1] in rec['status']  # names the file
+  if kind in ('tilted', 'tilt_tag'):
+    folder = os.path.join(bad_root[0], 'train_images', bad_root[1][kind][0].uid)
+    assert f'e.g. {sorted(os.listdir(folder))[0]}' in rec['status']  # names a file
   for sub in ('volumes', 'segmentations'):
     assert not os.path.exists(os.path.join(out, sub, rec['uid']))
   assert 'shape' not in rec
@@ -151,9 +220,9 @@ def test_good_study_unaffected(converted, bad_root):
 def test_nothing_outside_output_and_no_temporaries(converted, bad_root):
   out, _, _ = converted
   root, _ = bad_root
-  assert not os.path.exists(os.path.join(os.path.dirname(out), 'Patient_Smith_scan'))
+  for name in HOSTILE_NAMES.values():
+    assert not os.path.exists(os.path.join(os.path.dirname(out), name))
   for dirpath, dirnames, files in os.walk(out):
     for name in dirnames + files:
       assert not name.startswith('.tmp-'), os.path.join(dirpath, name)
-      assert 'Patient_Smith' not in name
   assert sorted(os.listdir(out)) == ['.state', 'manifest.jsonl', 'segmentations', 'volumes']

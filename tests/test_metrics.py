@@ -116,6 +116,82 @@ def test_submission_errors_name_the_problem(tmp_path):
     f.write('\n'.join(l for l in lines if l != '1.2.4_C3,0.500000') + '\n')
   with pytest.raises(ValueError, match=r"1\.2\.4 has no row for \['C3'\]"):
     metrics.score_files(str(sol), str(sub))
-  out = subprocess.run([sys.executable, '-m', 'cspine_jax.metrics', f'--solution={sol}',
-                        f'--submission={sub}'], capture_output=True, text=True)
-  assert out.returncode == 2 and 'C3' in out.stderr
+  out = _cli(sol, sub)
+  # A malformed file is a failure (1); 2 is kept for usage errors (cspine_jax/cli.py).
+  assert out.returncode == 1 and 'C3' in out.stderr
+
+
+def _cli(sol, sub):
+  return subprocess.run([sys.executable, '-m', 'cspine_jax.metrics', f'--solution={sol}',
+                         f'--submission={sub}'], capture_output=True, text=True)
+
+
+def _edit_line(path, line_no, new):
+  """Replaces line ``line_no`` (1-based) of ``path``."""
+  lines = open(path).read().splitlines()
+  lines[line_no - 1] = new
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
+def _append(path, text):
+  with open(path, 'a') as f:
+    f.write(text + '\n')
+
+
+# (which file, edit, message expected): each once accepted silently or failed with a bare
+# KeyError/ValueError/TypeError that named neither the file nor the line.
+BAD_FILES = {
+    'submission_header': ('sub', lambda p: _edit_line(p, 1, 'id,fractured'),
+                          r"{path}: missing columns \['row_id'\]"),
+    'submission_duplicate_row_id': ('sub', lambda p: _append(p, '1.2.3_C1,0.900000'),
+                                    r'{path}:18: row_id 1\.2\.3_C1 is already on line 3'),
+    'submission_not_a_number': ('sub', lambda p: _edit_line(p, 4, '1.2.3_C2,abc'),
+                                r"{path}:4: fractured 'abc' is not a number"),
+    'submission_empty_probability': ('sub', lambda p: _edit_line(p, 4, '1.2.3_C2,'),
+                                     r'{path}:4: fractured empty is not a number'),
+    'submission_short_row': ('sub', lambda p: _edit_line(p, 4, '1.2.3_C2'),
+                             r'{path}:4: fractured missing'),
+    'submission_nan': ('sub', lambda p: _edit_line(p, 4, '1.2.3_C2,nan'),
+                       r'{path}:4: fractured=nan is not a probability in \[0, 1\]'),
+    'submission_above_one': ('sub', lambda p: _edit_line(p, 4, '1.2.3_C2,1.5'),
+                             r'{path}:4: fractured=1.5 is not a probability in \[0, 1\]'),
+    'solution_header': ('sol', lambda p: _edit_line(p, 1, 'uid,' + ','.join(constants.TARGETS)),
+                        r"{path}: missing columns \['StudyInstanceUID'\]"),
+    'solution_duplicate_study': ('sol', lambda p: _append(p, '1.2.4,' + ','.join('1' * 8)),
+                                 r'{path}:4: StudyInstanceUID 1\.2\.4 is already on line 3'),
+    'solution_label_two': ('sol', lambda p: _edit_line(p, 2, '1.2.3,2,1,0,0,0,0,0,0'),
+                           r'{path}:2: column patient_overall: .2. is not 0 or 1'),
+    'solution_label_yes': ('sol', lambda p: _edit_line(p, 3, '1.2.4,0,0,0,yes,0,0,0,0'),
+                           r"{path}:3: column C3: 'yes' is not 0 or 1"),
+    'solution_label_empty': ('sol', lambda p: _edit_line(p, 3, '1.2.4,0,0,0,0,,0,0,0'),
+                             r'{path}:3: column C4: empty is not 0 or 1'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_FILES))
+def test_malformed_files_are_named_with_their_line(tmp_path, case):
+  which, edit, message = BAD_FILES[case]
+  sol, sub = _write_files(tmp_path, np.zeros((2, 8)), np.full((2, 8), 0.5), ['1.2.3', '1.2.4'])
+  path = sol if which == 'sol' else sub
+  edit(str(path))
+  with pytest.raises(ValueError, match=message.format(path=str(path).replace('.', r'\.'))):
+    metrics.score_files(str(sol), str(sub))
+
+
+def test_cli_exit_codes_and_one_line(tmp_path):
+  """A malformed file: exit 1; a file that is not there or a missing flag: exit 2 (usage). Each
+  ends with one line on stderr and no traceback; before, a bad header gave a KeyError traceback."""
+  sol, sub = _write_files(tmp_path, np.zeros((2, 8)), np.full((2, 8), 0.5), ['1.2.3', '1.2.4'])
+  _edit_line(str(sub), 1, 'id,fractured')
+  nope = tmp_path / 'nope.csv'
+  for out, code, text in [
+      (_cli(sol, sub), 1, f'error: {sub}: missing columns'),
+      (_cli(sol, nope), 2, f'error: --submission={nope}: no such file'),
+      (subprocess.run([sys.executable, '-m', 'cspine_jax.metrics', f'--solution={sol}'],
+                      capture_output=True, text=True), 2, 'error: --solution and --submission')]:
+    assert out.returncode == code, out.stderr
+    assert 'Traceback' not in out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
+    assert out.stderr.startswith(text), out.stderr
+    assert out.stdout == ''

@@ -53,47 +53,86 @@ class Study:
     return 'predicted' if self.predicted_vertebra_boxes else 'none'
 
 
+_REQUIRED = object()
+
+
 def _boxes(d) -> dict[str, Box]:
   return {k: tuple(int(v) for v in b) for k, b in (d or {}).items() if k in constants.VERTEBRAE}
 
 
-def parse_study(obj: dict) -> Study:
-  labels = obj.get('labels')
-  if labels is not None:
-    labels = tuple(int(v) for v in labels)
-    if len(labels) != constants.NUM_TARGETS:
-      raise ValueError(f'{obj["uid"]}: {len(labels)} labels, want {constants.NUM_TARGETS}')
+def _floats(v) -> tuple[float, ...]:
+  return tuple(float(x) for x in v)
+
+
+def _labels(v) -> tuple[int, ...]:
+  labels = tuple(int(x) for x in v)
+  if len(labels) != constants.NUM_TARGETS:
+    raise ValueError(f'{len(labels)} labels, want {constants.NUM_TARGETS}')
+  return labels
+
+
+def parse_study(obj: dict, where: str | None = None) -> Study:
+  """The ``Study`` of one manifest record; ValueError naming ``where`` (the manifest's file and
+  line; by default the record's uid) and the field for anything malformed.
+
+  The uid is checked again here (``store.uid_problem``), not only by the manifest reader: it names
+  the study's folders, which the localizer replaces (rmtree) and the pipeline opens.
+  """
+  if not isinstance(obj, dict):
+    raise ValueError(f'{where or "manifest record"}: a {type(obj).__name__}, not a JSON object')
+  problem = store.uid_problem(obj.get('uid'))
+  if problem:
+    raise ValueError(f'{where or "manifest record"}: uid {problem}')
+  where = where or f'manifest record {obj["uid"]}'
+
+  def get(field, parse, default=_REQUIRED):
+    if obj.get(field) is None:
+      if default is _REQUIRED:
+        raise ValueError(f'{where}: field {field} is missing')
+      return default
+    try:
+      return parse(obj[field])
+    except (AttributeError, TypeError, ValueError) as e:
+      raise ValueError(f'{where}: field {field}: {e}') from None
+
   return Study(
-      uid=str(obj['uid']),
-      split=str(obj.get('split', 'train')),
-      shape=tuple(int(v) for v in obj['shape']),
-      spacing_mm=tuple(float(v) for v in obj['spacing_mm']),
-      origin=tuple(float(v) for v in obj.get('origin', (0.0, 0.0, 0.0))),
-      direction=tuple(tuple(float(v) for v in r) for r in obj.get('direction', np.eye(3))),
-      has_segmentation=bool(obj.get('has_segmentation', False)),
-      labels=labels,
-      vertebra_boxes=_boxes(obj.get('vertebra_boxes')),
-      predicted_vertebra_boxes=_boxes(obj.get('predicted_vertebra_boxes')),
-      warnings=tuple(obj.get('warnings') or ()),
+      uid=obj['uid'],
+      split=get('split', str, 'train'),
+      shape=get('shape', lambda v: tuple(int(x) for x in v)),
+      spacing_mm=get('spacing_mm', _floats),
+      origin=get('origin', _floats, (0.0, 0.0, 0.0)),
+      direction=get('direction', lambda v: tuple(_floats(r) for r in v),
+                    tuple(tuple(r) for r in np.eye(3).tolist())),
+      has_segmentation=get('has_segmentation', bool, False),
+      labels=get('labels', _labels, None),
+      vertebra_boxes=get('vertebra_boxes', _boxes, {}),
+      predicted_vertebra_boxes=get('predicted_vertebra_boxes', _boxes, {}),
+      warnings=get('warnings', tuple, ()),
   )
+
+
+_WARNED: set[str] = set()  # roots whose skipped studies were logged
 
 
 def load_manifest(root: str) -> list[Study]:
   """All studies of ``root/manifest.jsonl`` whose status is "ok", sorted by uid.
 
-  Non-ok studies are skipped and counted in the log (they failed conversion: no volume).
+  Non-ok studies are skipped and counted in the log (they failed conversion: no volume). A
+  malformed record raises ValueError naming the manifest's file and line.
   """
   studies, skipped = [], {}
-  for obj in store.read_manifest(root):
+  for where, obj in store.iter_manifest(root):
     status = obj.get('status', 'ok')
     if status != 'ok':
-      skipped[obj.get('uid', '?')] = status
+      skipped[obj['uid']] = status
       continue
-    studies.append(parse_study(obj))
-  if skipped:
+    studies.append(parse_study(obj, where))
+  # Once per root and process: a command reads its manifest several times (splits, checks).
+  if skipped and root not in _WARNED:
+    _WARNED.add(root)
     logging.warning('manifest %s: skipped %d non-ok studies (e.g. %s)', root, len(skipped),
                     next(iter(skipped.items())))
-  logging.info('manifest %s: %d ok studies', root, len(studies))
+  logging.vlog(1, 'manifest %s: %d ok studies', root, len(studies))
   return sorted(studies, key=lambda s: s.uid)
 
 
@@ -171,7 +210,7 @@ def select(studies: Sequence[Study], which: str, *, fold: int, num_folds: int,
     raise ValueError(f'unknown split {which!r}')
   if require_boxes:
     labelled = [s for s in labelled if s.boxes]
-  if fold < 0:
+  if fold < 0 or not labelled:  # (no labelled study: no folds to draw, an empty split)
     return labelled if which == 'train' else []
   if fold >= num_folds:
     raise ValueError(f'fold={fold} with num_folds={num_folds}')

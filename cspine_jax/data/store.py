@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -57,13 +58,48 @@ ZARR_JSON = 'zarr.json'  # an array's metadata; written last by TensorStore's cr
 INPUT_SEGMENTATIONS = 'segmentations'
 
 
+# A study's uid names its folders and files (ROOT/<kind>/<uid>/, ROOT/.state/<uid>.json). The
+# converter takes only DICOM UIDs from its input (is_dicom_uid); everything that turns a uid into
+# a path accepts, more widely, one plain path component (uid_problem): what the converter writes
+# (DICOM UIDs, and "invalid-folder-..." for the records of folders it refused) and test fixtures'
+# short names, but never "..", "a/b", a hidden or temporary name, so that a hand-edited manifest
+# cannot point a write or an rmtree outside its folder.
+_DICOM_UID_RE = re.compile(r'^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$')
+_SAFE_UID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
+MAX_UID_LENGTH = 64  # DICOM's limit for a UID
+
+
+def is_dicom_uid(uid) -> bool:
+  """A DICOM UID: digits in dot-separated components without leading zeros, <= 64 chars."""
+  return isinstance(uid, str) and len(uid) <= MAX_UID_LENGTH and bool(_DICOM_UID_RE.match(uid))
+
+
+def uid_problem(uid) -> str | None:
+  """What is wrong with ``uid`` as a study's name on disk, or None when it is fine."""
+  if not isinstance(uid, str):
+    return f'{uid!r} is not a string' if uid is not None else 'is missing'
+  if not uid or len(uid) > MAX_UID_LENGTH or not _SAFE_UID_RE.match(uid):
+    shown = repr(uid) if len(uid) <= 80 else repr(uid[:80]) + '...'
+    return (f'{shown} is not a study UID (a DICOM UID, or letters, digits, ".", "_" and "-", '
+            f'starting with a letter or digit, at most {MAX_UID_LENGTH} characters)')
+  return None
+
+
+def check_uid(uid) -> str:
+  """``uid`` if it is safe as a path component; else ValueError saying why."""
+  problem = uid_problem(uid)
+  if problem:
+    raise ValueError(f'uid {problem}')
+  return uid
+
+
 def manifest_path(root: str) -> str:
   return os.path.join(root, MANIFEST)
 
 
 def array_path(root: str, kind: str, uid: str) -> str:
   """ROOT/<kind>/<uid>: the folder of one study's array (kind: one of ARRAY_KINDS)."""
-  return os.path.join(root, kind, uid)
+  return os.path.join(root, kind, check_uid(uid))
 
 
 def array_exists(root: str, kind: str, uid: str) -> bool:
@@ -83,7 +119,7 @@ def atomic_write(path: str, data: str | bytes) -> None:
   """
   if isinstance(data, str):
     data = data.encode('utf-8')
-  fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=os.path.dirname(path) or '.')
+  fd, tmp = _create_temporary(os.path.dirname(path) or '.')
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
@@ -94,16 +130,40 @@ def atomic_write(path: str, data: str | bytes) -> None:
     raise
 
 
+def _create_temporary(folder: str) -> tuple[int, str]:
+  """(fd, path) of a new, empty ``.tmp-*`` file in ``folder`` with the umask's permissions.
+
+  Not tempfile.mkstemp: it creates files 0600, so every manifest, record and overlay would be
+  unreadable by the other users of a shared dataset. Asking for 0666 and letting the kernel
+  apply the umask gives what any other output gets (0644 under umask 022), without reading the
+  umask (os.umask can only be read by setting it, which races with other threads).
+  """
+  flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_CLOEXEC', 0)
+  for _ in range(100):
+    tmp = os.path.join(folder, f'{TMP_PREFIX}{secrets.token_hex(8)}')
+    try:
+      return os.open(tmp, flags, 0o666), tmp
+    except FileExistsError:
+      continue
+  raise FileExistsError(f'no free temporary name in {folder}')
+
+
 def new_temp_dir(parent: str, uid: str, create: bool = False) -> str:
   """A fresh ``.tmp-<uid>-*`` path in ``parent`` (made if missing), for a folder to ``place``.
 
   The folder itself is removed again unless ``create``: TensorStore creates an array's folder.
   """
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'{TMP_PREFIX}{uid}-', dir=parent)
-  if not create:
-    os.rmdir(tmp)
-  return tmp
+  for _ in range(100):
+    tmp = os.path.join(parent, f'{TMP_PREFIX}{check_uid(uid)}-{secrets.token_hex(4)}')
+    try:
+      os.mkdir(tmp, 0o777)  # the umask's permissions (tempfile.mkdtemp's are 0700)
+    except FileExistsError:
+      continue
+    if not create:
+      os.rmdir(tmp)
+    return tmp
+  raise FileExistsError(f'no free temporary name in {parent}')
 
 
 def place(tmp: str, final: str) -> None:
@@ -132,10 +192,39 @@ def clean_temporaries(root: str, subfolders: Iterable[str] = ()) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def iter_manifest(root: str) -> Iterable[tuple[str, dict]]:
+  """("ROOT/manifest.jsonl:<line>", record) for every record, in file order, every status.
+
+  Each record is a JSON object with a safe ``uid`` (``uid_problem``) not seen on an earlier line;
+  anything else raises ValueError naming the file, the line and what is wrong (the manifest can
+  be edited by hand, and its uids become paths).
+  """
+  path = manifest_path(root)
+  seen: dict[str, int] = {}
+  with open(path, encoding='utf-8') as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f'{path}:{line_no}'
+      try:
+        obj = json.loads(line)
+      except ValueError as e:
+        raise ValueError(f'{where}: not valid JSON ({e})') from None
+      if not isinstance(obj, dict):
+        raise ValueError(f'{where}: a {type(obj).__name__}, not a JSON object')
+      problem = uid_problem(obj.get('uid'))
+      if problem:
+        raise ValueError(f'{where}: uid {problem}')
+      if obj['uid'] in seen:
+        raise ValueError(f'{where}: uid {obj["uid"]} is already on line {seen[obj["uid"]]}')
+      seen[obj['uid']] = line_no
+      yield where, obj
+
+
 def read_manifest(root: str) -> list[dict]:
-  """Every record of ROOT/manifest.jsonl as written (every status, file order)."""
-  with open(manifest_path(root)) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """Every record of ROOT/manifest.jsonl as written (every status, file order), each with a
+  safe, unique uid (ValueError naming the line otherwise; see ``iter_manifest``)."""
+  return [obj for _, obj in iter_manifest(root)]
 
 
 def write_manifest(root: str, records: Iterable[dict]) -> None:
@@ -172,7 +261,7 @@ class JobRecords:
     self.folder = os.path.join(self.root, state_dir)
 
   def path(self, uid: str) -> str:
-    return os.path.join(self.folder, uid + '.json')
+    return os.path.join(self.folder, check_uid(uid) + '.json')
 
   def load(self, uid: str) -> dict | None:
     """The study's record, or None when it has none (or an unreadable one)."""
