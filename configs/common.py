@@ -67,6 +67,18 @@ def get_config() -> config_dict.ConfigDict:
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 1_000
+  # Checkpoints kept (checkpoint.py): the latest N, plus the best N by eval RSNA score (kept
+  # across restarts; `cspine_jax.eval --checkpoint=best` reads them).
+  config.keep_latest_checkpoints = 2
+  config.keep_best_checkpoints = 1
+  # > 1: the global batch is split into this many micro-batches inside the step (memory), their
+  # gradients weighted by valid examples so the update equals the full batch's.
+  config.grad_accum_steps = 1
+  # > 0: an exponential moving average of the weights, used by eval, predict and distillation.
+  config.ema_decay = 0.0
+  # "replicate" (every device holds all parameters) | "fsdp" (parameters of >= 2^18 elements
+  # split over the devices along their largest divisible axis; parallel.param_sharding).
+  config.param_sharding = 'replicate'
 
   config.optimizer = config_dict.ConfigDict()
   config.optimizer.name = 'adamw'
@@ -83,6 +95,10 @@ def get_config() -> config_dict.ConfigDict:
   config.label_smoothing = 0.0
   # > 0: mixup of whole studies in the train step, l ~ Beta(a, a) (train_lib.mixup).
   config.mixup_alpha = 0.0
+  # The localizer's loss (task "segment", configs/localizer.py): soft-Dice weight beside the
+  # voxel cross-entropy, and the patch tokens' label-histogram term (0 = off).
+  config.dice_weight = 1.0
+  config.token_loss_weight = 0.0
 
   config.model = config_dict.ConfigDict()
   config.model.name = 'vit3d'

@@ -9,21 +9,59 @@ Workdirs written before this layout have one item, `state` (the whole TrainState
 paths read them too (`LEGACY_ITEM`). Saves are asynchronous and atomic (Orbax writes a temporary
 folder and renames it when complete, so a `kill -9` mid-save leaves the previous checkpoints
 intact). Kept: the latest `keep_latest` plus the `keep_best` with the lowest eval RSNA score
-(`preservation_policy`, not the deprecated `max_to_keep`). This is the only module that calls Orbax.
+(`preservation_policy`, not the deprecated `max_to_keep`; the metrics are written beside each
+step, so the ranking survives a restart). A step that fails to restore when resuming is moved to
+W/checkpoints-damaged/ and the previous one is used (`restore_latest_intact`). This is the only
+module that calls Orbax.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from cspine_jax import cli
 
 BEST_METRIC = 'eval_rsna_score'
 MODEL_KEYS = ('params', 'rest', 'ema')
 TRAIN_KEYS = ('step', 'opt_state', 'rng')
 LEGACY_ITEM = 'state'  # the single TrainState item of workdirs written before the split
+
+
+class _ExpectedOrbaxWarnings(logging.Filter):
+  """Drops Orbax warnings about what this module does on purpose, so that the console's
+  warnings are ones to read."""
+
+  EXPECTED = (
+      # Steps between evaluations, and every localizer checkpoint, have no metrics by design
+      # (BestN ranks only the evaluated ones).
+      'did not provide metrics',
+      # Inference opens the manager read-only ...
+      'read_only=True, setting save_interval_steps=0', 'Given directory is read only',
+      # ... and restores some items only (the model without the optimizer, no iterator).
+      'was found in the checkpoint, but could not be restored',
+  )
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(text in message for text in self.EXPECTED)
+
+
+logging.getLogger('absl').addFilter(_ExpectedOrbaxWarnings())
+
+
+def steps_on_disk(workdir: str) -> list[int]:
+  """The committed steps under W/checkpoints, without opening a manager (which logs)."""
+  folder = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
 
 
 def manager(workdir: str, config=None, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -79,6 +117,68 @@ def restore(mngr: ocp.CheckpointManager, step: int, state_like, data_iterator=No
     items[name] = ocp.args.StandardRestore(abstract({k: getattr(state_like, k) for k in keys}))
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
   return state_like.replace(**restored['model'], **restored['train'])
+
+
+DAMAGED = 'checkpoints-damaged'  # W/checkpoints-damaged/<step>: steps that failed to restore
+
+
+def _reason(e: BaseException) -> str:
+  """The first line of a restore error (Orbax/TensorStore errors run to a hundred lines)."""
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0][:300] if text else ""}'
+
+
+def _silence_closed_loop_callbacks() -> None:
+  """After a failed restore, the TensorStore reads still in flight complete into the event loop
+  that Orbax has closed, and each prints a 'RuntimeError: Event loop is closed' traceback
+  through sys.unraisablehook (dozens, after the one warning that matters). Only those are
+  dropped; any other unraisable exception reaches the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'cspine_closed_loop', False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc):
+      return
+    previous(unraisable)
+
+  hook.cspine_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def restore_latest_intact(mngr: ocp.CheckpointManager, workdir: str, config, state_like,
+                          data_iterator=None):
+  """(manager, step, state) of the newest step that restores whole, for resuming training.
+
+  A damaged step (a truncated array file or iterator state, a missing item: a disk that filled
+  up, a copy cut short) is moved to W/checkpoints-damaged/<step> with a warning naming it and
+  why, and the previous step is tried; nothing is deleted. The manager is reopened after a
+  move. If no step restores, a `cli.Failure` lists each step's reason and moves nothing: then
+  the cause is more likely the code or the config than the files.
+  """
+  failed = []
+  _silence_closed_loop_callbacks()
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state = restore(mngr, step, state_like, data_iterator)
+    except Exception as e:  # noqa: BLE001  any failure of this step's files
+      failed.append((step, _reason(e)))
+      continue
+    if failed:
+      mngr.close()
+      dest = os.path.join(workdir, DAMAGED)
+      for bad, why in failed:
+        if jax.process_index() == 0:
+          os.makedirs(dest, exist_ok=True)
+          os.replace(os.path.join(mngr.directory, str(bad)), os.path.join(dest, str(bad)))
+          cli.warn(f'checkpoint step {bad} in {workdir} is damaged ({why}); moved to '
+                   f'{os.path.join(dest, str(bad))}; resuming from step {step}')
+      multihost_utils.sync_global_devices('checkpoint: damaged steps moved')
+      mngr = manager(workdir, config)
+    return mngr, step, state
+  raise cli.Failure(f'no checkpoint in {mngr.directory} restores: ' + '; '.join(
+      f'step {s}: {why}' for s, why in failed))
 
 
 def restore_model(mngr: ocp.CheckpointManager, step: int, model_like: dict) -> dict:

@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax import evaluate
 from cspine_jax import metrics as metrics_lib
@@ -23,9 +24,11 @@ from cspine_jax import parallel
 from cspine_jax import plots
 from cspine_jax import restore
 from cspine_jax.data import manifest
+from cspine_jax.data import pipeline
 from cspine_jax.data import store
 
 FLAGS = flags.FLAGS
+SPLITS = ('all', 'test', 'labelled', 'eval', 'train', 'labelled_with_boxes')
 
 
 def define_flags():
@@ -43,8 +46,12 @@ def define_flags():
 def run(workdir: str, data: str, checkpoint: str, output: str, threshold: float = 0.5,
         split: str = 'all') -> dict:
   if not os.path.isfile(os.path.join(data, store.MANIFEST)):
-    raise FileNotFoundError(f'--data={data}: no {store.MANIFEST} (run python -m '
-                            'data_tools.convert)')
+    raise cli.UsageError(f'--data={data}: no {store.MANIFEST} (run python -m '
+                         'data_tools.convert)')
+  if not os.path.isfile(os.path.join(workdir, 'config.json')):
+    raise cli.UsageError(f'--workdir={workdir}: not a training workdir (no config.json)')
+  if split not in SPLITS:
+    raise cli.UsageError(f'--split={split!r}: expected one of {", ".join(SPLITS)}')
   mesh = parallel.make_mesh()
   model = restore.InferenceModel(workdir, checkpoint, mesh, expect='classifier')
   config, step = model.config, model.step
@@ -54,8 +61,12 @@ def run(workdir: str, data: str, checkpoint: str, output: str, threshold: float 
     uids = [s.uid for s in manifest.load_manifest(config.data.root)
             if s.labels is not None and s.split != 'test' and s.boxes]
     if not uids:
-      raise ValueError(f'--data={data}: no labelled study with vertebra boxes')
+      raise cli.UsageError(f'--data={data}: no labelled study with vertebra boxes')
     split = 'all'
+  elif not pipeline.split_studies(config, split):
+    # Caught before any model runs (an empty split used to end in a numpy traceback).
+    raise cli.UsageError(f'--data={data}: no converted study in --split={split} (the manifest '
+                         f'lists {len(manifest.load_manifest(config.data.root))} ok studies)')
   result = evaluate.evaluate(config, lambda x: model('probs', x), mesh, split=split, uids=uids)
   out_dir = os.path.dirname(os.path.abspath(output))
   os.makedirs(out_dir, exist_ok=True)
@@ -82,7 +93,8 @@ def run(workdir: str, data: str, checkpoint: str, output: str, threshold: float 
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   summary = run(FLAGS.workdir, FLAGS.data, FLAGS.checkpoint, FLAGS.output, FLAGS.threshold,
                 FLAGS.split)
   for k, v in summary.items():
@@ -91,4 +103,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

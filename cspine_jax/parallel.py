@@ -49,6 +49,9 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+PARAM_SHARDINGS = ('replicate', 'fsdp')  # config.param_sharding
+
+
 def param_sharding(mesh, tree, mode: str = 'replicate', min_size: int = 2**18):
   """Shardings for a pytree of arrays (or ShapeDtypeStructs).
 
@@ -58,7 +61,7 @@ def param_sharding(mesh, tree, mode: str = 'replicate', min_size: int = 2**18):
   down with the number of devices.
   """
   n = mesh.shape[DATA]
-  if mode not in ('replicate', 'fsdp'):
+  if mode not in PARAM_SHARDINGS:
     raise ValueError(f'param_sharding={mode!r}: expected "replicate" or "fsdp"')
 
   def one(leaf):

@@ -87,6 +87,20 @@ def _loss_mask(batch) -> jax.Array:
   return mask
 
 
+def _segmentation_mask(batch) -> jax.Array:
+  """Only examples whose study has a true mask carry a per-voxel label."""
+  return batch['mask'].astype(bool) & batch['has_segmentation'].astype(bool)
+
+
+def _feature_mask(batch, per_crop: bool) -> jax.Array:
+  """What feature distillation averages over: real examples (padding and, per vertebra,
+  absent vertebrae do not count; labels are not needed)."""
+  mask = batch['mask'].astype(bool)
+  if per_crop and 'vertebra_mask' in batch:
+    mask = mask[:, None] & batch['vertebra_mask'].astype(bool)
+  return mask
+
+
 def mixup(batch: dict, key: jax.Array, alpha: float) -> dict:
   """Mixes each study with another of the batch: x = l x_i + (1 - l) x_j, same for the labels.
 
@@ -132,7 +146,17 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
   mix_alpha = float(config.get('mixup_alpha', 0.0))
   feature_weight = float(distill.get('feature_weight', 0.0)) if use_distill else 0.0
 
-  def compute_loss(params, rest, micro, key, teacher_params):
+  def counts(batch):
+    """(examples, crops) that the loss terms average over: the weights of micro-batches."""
+    ex = _segmentation_mask(batch) if segment else _loss_mask(batch)
+    return (ex.sum().astype(jnp.float32),
+            _feature_mask(batch, True).sum().astype(jnp.float32))
+
+  def compute_loss(params, rest, micro, key, teacher_params, scales=(1.0, 1.0)):
+    """The micro-batch's loss, each term scaled by its share of the full batch's count
+    (``scales``: examples, crops), so that the micro-batches' gradients sum to the full
+    batch's; (1, 1) without accumulation."""
+    ex_scale, crop_scale = scales
     if mix_alpha:
       key, k_mix = jax.random.split(key)
       micro = mixup(micro, k_mix, mix_alpha)
@@ -144,9 +168,9 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
     if smoothing:
       labels = losses.smooth_labels(labels, smoothing)
     aux = {}
+    feature = None
     if segment:
-      # Only examples whose study has a true mask carry a per-voxel label.
-      mask = micro['mask'].astype(bool) & micro['has_segmentation'].astype(bool)
+      mask = _segmentation_mask(micro)
       loss, parts = losses.segmentation_loss(out['logits'], micro['segmentation'], mask,
                                              dice_weight=float(config.get('dice_weight', 1.0)))
       token_weight = float(config.get('token_loss_weight', 0.0))
@@ -167,16 +191,16 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
         if 'hint' not in out or 'feature_map' not in t_out:
           raise ValueError('config.distill.feature_weight > 0 needs a student with '
                            'config.model.hint_dim > 0 and a CNN teacher (its feature_map)')
-        # Padding examples and absent vertebrae do not count; labels are not needed.
-        f_mask = micro['mask'].astype(bool)
-        if 'vertebra_mask' in micro and out['hint'].ndim == 6:
-          f_mask = f_mask[:, None] & micro['vertebra_mask'].astype(bool)
-        parts['feature'] = losses.feature_distillation_loss(out['hint'], t_out['feature_map'],
-                                                            f_mask)
-        loss = loss + feature_weight * parts['feature']
+        feature = losses.feature_distillation_loss(
+            out['hint'], t_out['feature_map'], _feature_mask(micro, out['hint'].ndim == 6))
       aux.update({f'loss_{k}': v for k, v in parts.items()})
     else:
       loss = loss_fn(out['logits'], labels, mask)
+    aux = {k: v * ex_scale for k, v in aux.items()}
+    loss = loss * ex_scale
+    if feature is not None:
+      aux['loss_feature'] = feature * crop_scale
+      loss = loss + feature_weight * aux['loss_feature']
     new_rest = nnx.state(model, nnx.Not(nnx.Param))
     return loss, (aux, new_rest)
 
@@ -187,22 +211,26 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
     if accum == 1:
       (loss, (aux, rest)), grads = grad_fn(state.params, state.rest, batch, key, teacher_params)
     else:
-      # Gradient accumulation: the batch in `accum` micro-batches, summed in a scan.
+      # Gradient accumulation: the batch in `accum` micro-batches, summed in a scan. Each
+      # micro-batch's terms are weighted by its share of the batch's valid examples (crops for
+      # the feature term): a plain mean of micro-batch means would over-weight a micro-batch
+      # with padding or unlabelled studies. With mixup the shares are the counts before mixing.
       micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]),
                            batch)
+      n_ex, n_crop = counts(batch)
 
       def body(carry, xs):
         g_sum, l_sum, rest, i = carry
+        m_ex, m_crop = counts(xs)
+        scales = (m_ex / jnp.maximum(n_ex, 1.0), m_crop / jnp.maximum(n_crop, 1.0))
         (l, (aux, rest)), g = grad_fn(state.params, rest, xs, jax.random.fold_in(key, i),
-                                      teacher_params)
+                                      teacher_params, scales)
         return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, rest, i + 1), aux
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, loss, rest, _), aux = jax.lax.scan(
           body, (zeros, jnp.zeros((), jnp.float32), state.rest, 0), micro)
-      grads = jax.tree.map(lambda g: g / accum, grads)
-      loss = loss / accum
-      aux = jax.tree.map(jnp.mean, aux)
+      aux = jax.tree.map(lambda v: v.sum(0), aux)  # already weighted: the sum is the batch's
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema

@@ -21,10 +21,12 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from cspine_jax import checkpoint
+from cspine_jax import cli
 from cspine_jax import evaluate
 from cspine_jax import parallel
 from cspine_jax import restore
 from cspine_jax import train_lib
+from cspine_jax.data import manifest
 from cspine_jax.data import pipeline
 from cspine_jax.data import store
 from cspine_jax.models import factory
@@ -51,7 +53,9 @@ def validate_config(config) -> None:
   if (config.batch_size // jax.process_count()) % accum:
     raise ConfigError(f'config.grad_accum_steps={accum}: must divide the per-process batch '
                       f'{config.batch_size // jax.process_count()}')
+  _check_ranges(config)
   task = factory.check(config)  # model name, mode, crop mode, crop shape and loss agree
+  _check_shapes(config, task)
   root = config.data.get('root', '')
   if not root:
     raise ConfigError('config.data.root is empty: set it to a folder written by '
@@ -59,6 +63,23 @@ def validate_config(config) -> None:
   if not os.path.isfile(store.manifest_path(root)):
     raise ConfigError(f'config.data.root={root!r}: no manifest.jsonl there (run '
                       'python -m data_tools.convert first)')
+  if config.get('param_sharding', 'replicate') not in parallel.PARAM_SHARDINGS:
+    raise ConfigError(f'config.param_sharding={config.param_sharding!r}: expected one of '
+                      f'{parallel.PARAM_SHARDINGS}')
+  positive_int('keep_latest_checkpoints', config.get('keep_latest_checkpoints', 2))
+  keep_best = config.get('keep_best_checkpoints', 1)
+  if not isinstance(keep_best, int) or keep_best < 0:
+    raise ConfigError(f'config.keep_best_checkpoints={keep_best!r}: must be an integer >= 0')
+  distill = config.get('distill', None)
+  if distill is not None and not distill.get('teacher_workdir'):
+    # A distillation config without its teacher would train the student alone and exit 0.
+    raise ConfigError('config.distill.teacher_workdir is empty: this config distils from a '
+                      'teacher; set --config.distill.teacher_workdir=W (a workdir of this repo, '
+                      'e.g. configs/cnn_vertebra.py)')
+  if distill is not None and not os.path.isfile(os.path.join(distill.teacher_workdir,
+                                                             'config.json')):
+    raise ConfigError(f'config.distill.teacher_workdir={distill.teacher_workdir!r}: not a '
+                      'training workdir (no config.json)')
   if not 0.0 <= float(config.get('ema_decay', 0.0)) < 1.0:
     raise ConfigError(f'config.ema_decay={config.ema_decay}: must be in [0, 1)')
   if not 0.0 <= float(config.get('label_smoothing', 0.0)) < 1.0:
@@ -72,6 +93,151 @@ def validate_config(config) -> None:
                       'localizer (its per-voxel labels are not mixed)')
 
 
+def check_data(config, task) -> bool:
+  """Fails at start, naming the keys, when there is nothing to train on (never after training);
+  returns whether the periodic evaluation has studies to run on."""
+  root = config.data.root
+  studies = manifest.load_manifest(root)
+  if not studies:
+    raise ConfigError(f'config.data.root={root!r}: the manifest lists no converted study (the '
+                      'failed ones and their reasons are in manifest.jsonl)')
+  try:
+    train = pipeline.split_studies(config, 'train')
+    held_out = pipeline.split_studies(config, 'eval')
+  except ValueError as e:  # e.g. a fold outside [0, num_folds)
+    raise ConfigError(f'config.data.fold / num_folds: {e}') from None
+  if task.segmentation:
+    held_out = [s for s in held_out if s.has_segmentation]
+  if not train:
+    d = config.data
+    labelled = [s for s in studies if s.labels is not None and s.split != 'test']
+    raise ConfigError(
+        f'config.data.root={root!r}: no training study: {len(studies)} converted, '
+        f'{len(labelled)} labelled, {sum(s.has_segmentation for s in labelled)} with masks, '
+        f'{sum(bool(s.boxes) for s in labelled)} with vertebra boxes; data.fold={d.fold} of '
+        f'{d.num_folds}, data.require_segmentation={d.get("require_segmentation", False)}, '
+        f'data.require_boxes={d.get("require_boxes", False)}')
+  if config.get('eval_every_steps', 0) and not held_out:
+    cli.warn(f'config.eval_every_steps={config.eval_every_steps} but data.fold='
+             f'{config.data.fold} holds out no study{" with a mask" if task.segmentation else ""}'
+             ': periodic evaluation skipped (the best-checkpoint policy then keeps the latest '
+             'only; evaluate with python -m cspine_jax.eval on a held-out set)')
+    return False
+  return bool(config.get('eval_every_steps', 0))
+
+
+# Keys a rerun may change without making the checkpoints another run's: how long it goes, how
+# often it logs, evaluates and saves, and where and how the data is read.
+RESUMABLE_KEYS = frozenset({
+    'total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+    'keep_latest_checkpoints', 'keep_best_checkpoints', 'data.root', 'data.num_threads',
+    'data.num_workers', 'data.prefetch', 'data.cache_mb', 'distill.teacher_workdir'})
+
+
+def _flat(tree, prefix=''):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def check_resume_config(config, workdir: str, has_checkpoint: bool) -> None:
+  """A rerun of a workdir with checkpoints must be the same run: refuses (writing nothing) with
+  the changed keys otherwise, so config.json never disagrees with the checkpoints."""
+  path = os.path.join(workdir, 'config.json')
+  if not has_checkpoint or not os.path.isfile(path):
+    return
+  with open(path) as f:
+    old = _flat(json.load(f))
+  new = _flat(json.loads(config.to_json_best_effort()))
+  changed = sorted(k for k in old.keys() | new.keys()
+                   if old.get(k, '<absent>') != new.get(k, '<absent>') and k not in RESUMABLE_KEYS)
+  if changed:
+    shown = '; '.join(f'{k}: {old.get(k, "<absent>")!r} -> {new.get(k, "<absent>")!r}'
+                      for k in changed[:8])
+    more = f' (and {len(changed) - 8} more)' if len(changed) > 8 else ''
+    raise ConfigError(
+        f'--workdir={workdir} holds checkpoints of another config: {shown}{more}. Resume with '
+        f'the config in {path}, or use a new --workdir (only {", ".join(sorted(RESUMABLE_KEYS))}'
+        ' may change on a rerun)')
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+# (key, test, what it must be): values that would otherwise train silently on nonsense (a
+# negative learning rate, a zero spacing) or fail deep inside a library after the start.
+_RANGES = (
+    ('seed', lambda v: _is_int(v) and v >= 0, 'an integer >= 0'),
+    ('optimizer.name', lambda v: v in ('adamw',), '"adamw"'),
+    ('optimizer.schedule', lambda v: v in ('cosine', 'constant'), '"cosine" or "constant"'),
+    ('optimizer.lr', lambda v: isinstance(v, (int, float)) and v > 0, '> 0'),
+    ('optimizer.warmup_steps', lambda v: _is_int(v) and v >= 0, 'an integer >= 0'),
+    ('optimizer.grad_clip_norm', lambda v: isinstance(v, (int, float)) and v >= 0,
+     '>= 0 (0 = off)'),
+    ('optimizer.weight_decay', lambda v: isinstance(v, (int, float)) and v >= 0, '>= 0'),
+    ('optimizer.b1', lambda v: isinstance(v, (int, float)) and 0 <= v < 1, 'in [0, 1)'),
+    ('optimizer.b2', lambda v: isinstance(v, (int, float)) and 0 <= v < 1, 'in [0, 1)'),
+    ('data.num_threads', lambda v: _is_int(v) and v >= 0, 'an integer >= 0'),
+    ('data.num_workers', lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0 = threads only)'),
+    ('data.prefetch', lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    ('data.cache_mb', lambda v: isinstance(v, (int, float)) and v >= 0, '>= 0'),
+    ('data.spacing_mm', lambda v: len(v) == 3 and all(x > 0 for x in v), '3 values > 0 (mm)'),
+    ('data.vertebra_spacing_mm', lambda v: len(v) == 3 and all(x > 0 for x in v),
+     '3 values > 0 (mm)'),
+    ('data.windows', lambda v: len(v) >= 1 and all(len(w) == 2 and w[1] > 0 for w in v),
+     '(center, width) pairs with width > 0'),
+    ('data.augment.scale', lambda v: 0 <= v < 1, 'in [0, 1) (zoom in [1 - s, 1 + s])'),
+    ('data.augment.flip_x_prob', lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    ('model.dtype', lambda v: v in ('float32', 'bfloat16', 'float16'),
+     '"float32", "bfloat16" or "float16"'),
+    ('model.param_dtype', lambda v: v in ('float32', 'bfloat16'), '"float32" or "bfloat16"'),
+)
+
+
+def _lookup(config, key):
+  node = config
+  for part in key.split('.'):
+    if not hasattr(node, 'keys') or part not in node:
+      return None, False
+    node = node[part]
+  return node, True
+
+
+def _check_ranges(config) -> None:
+  for key, ok, what in _RANGES:
+    value, present = _lookup(config, key)
+    if not present:
+      continue
+    try:
+      good = ok(value)
+    except TypeError:
+      good = False
+    if not good:
+      raise ConfigError(f'config.{key}={value!r}: must be {what}')
+
+
+def _check_shapes(config, task) -> None:
+  """The crop shape: positive, one window per input channel, whole patches for a ViT."""
+  key = f'data.{task.shape_key}'
+  shape, _ = _lookup(config, key)
+  if not shape or len(shape) != 3 or not all(_is_int(n) and n > 0 for n in shape):
+    raise ConfigError(f'config.{key}={shape!r}: must be 3 positive integers (z, y, x)')
+  channels = config.model.get('in_channels', None)
+  if channels is not None and channels != len(config.data.windows):
+    raise ConfigError(f'config.model.in_channels={channels} but config.data.windows has '
+                      f'{len(config.data.windows)} windows: one input channel per window')
+  patch = config.model.get('patch_size', None)
+  if config.model.get('name') == 'vit3d' and patch is not None and any(
+      n % p for n, p in zip(shape, patch)):
+    raise ConfigError(f'config.{key}={tuple(shape)} is not a whole number of '
+                      f'config.model.patch_size={tuple(patch)} patches')
+
+
 class MetricWriter:
   """metrics.jsonl and TensorBoard, written by process 0 only."""
 
@@ -83,10 +249,11 @@ class MetricWriter:
       return
     if resume_step is not None and os.path.exists(self.path):
       # Lines after the restored step were written by the killed run and are redone now.
-      with open(self.path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= resume_step]
-      store.atomic_write(self.path, ''.join(keep))
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      store.atomic_write(self.path, ''.join(read_metrics_lines(self.path, resume_step)))
+    # purge_step: TensorBoard drops the killed run's events at steps after the restored one
+    # (they are redone now), so its curves hold each step once.
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                             purge_step=resume_step + 1 if resume_step is not None else None)
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
@@ -103,6 +270,24 @@ class MetricWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def read_metrics_lines(path: str, up_to_step: int) -> list[str]:
+  """The lines of metrics.jsonl at steps <= ``up_to_step``; a line that is not JSON (what a
+  ``kill -9`` during an append leaves at the end) is dropped with a warning naming it."""
+  keep = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        cli.warn(f'{path}:{number}: not a JSON line (torn by a killed run?): dropped')
+        continue
+      if record.get('step', 0) <= up_to_step:
+        keep.append(line if line.endswith('\n') else line + '\n')
+  return keep
 
 
 def _plain(v):
@@ -153,8 +338,9 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
   # ------------------------------------------------------------------ setup
   validate_config(config)
   task = factory.task_of(config)
+  eval_every = int(config.eval_every_steps) if check_data(config, task) else 0
+  check_resume_config(config, workdir, bool(checkpoint.steps_on_disk(workdir)))
   os.makedirs(workdir, exist_ok=True)
-  _save_config(config, workdir)
   mesh = parallel.make_mesh()
   graphdef = nnx.graphdef(factory.abstract_model(config))
   init = train_lib.init_fn(config)
@@ -169,17 +355,17 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
       rng=replicated)
   train_iter, num_train = pipeline.make_train_iterator(config)
   mngr = checkpoint.manager(workdir, config)
-  start = mngr.latest_step()
-  if start is None:
+  if not mngr.all_steps():
     # Born sharded: each device computes only its own shards of the initial state.
     state = jax.jit(init, out_shardings=state_sharding)()
+    start = 0
   else:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract_state, state_sharding)
-    state = checkpoint.restore(mngr, start, target, train_iter)
-    logging.info('resuming from checkpoint step %d in %s', start, workdir)
+    mngr, start, state = checkpoint.restore_latest_intact(mngr, workdir, config, target,
+                                                          train_iter)
     print(f'[train] resuming from step {start} ({workdir}/checkpoints/{start})', flush=True)
-  start = int(start or 0)
+  _save_config(config, workdir)  # only now: a refused or failed restore leaves it as it was
   writer = MetricWriter(workdir, start if start else None)
   teacher, teacher_weights = _make_teacher(config, mesh)
   step_fn = train_lib.make_train_step(config, graphdef, teacher)
@@ -197,7 +383,6 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
     bar = tqdm(total=config.total_steps, initial=start, unit='step', desc='train', smoothing=0.1)
   last_log_time, last_log_step = time.perf_counter(), start
   last = {}
-  eval_every = int(config.get('eval_every_steps', 0) or 0)
   first_bad = jnp.zeros((), jnp.int32)
 
   def check_finite():

@@ -124,6 +124,11 @@ def _studies(cfg, which: str, uids: Sequence[str] | None = None):
                              require_boxes=cfg.require_boxes)
 
 
+def split_studies(config, which: str) -> list:
+  """The studies of one split ('train', 'eval', ...) under ``config.data``'s filters."""
+  return _studies(_data_config(config), which)
+
+
 def make_reader(cfg) -> sources.VolumeReader:
   """One reader per pipeline; TensorStore's decode threads capped at num_threads so that the
   pipeline uses the cores it is given, not every core of the host."""
