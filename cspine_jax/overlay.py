@@ -3,14 +3,17 @@
 Pillow only (a declared dependency; no matplotlib). Slices are taken through the centre of the
 predicted C1-C7 mask, shown in the bone window, resampled to square millimetres so anatomy has
 its real proportions, superior at the top. Each vertebra is tinted in its colour and labelled
-with its name and fracture probability at the right of the view.
+with its name and fracture probability at the right of the view. The title carries the patient
+probability, or NOT ASSESSABLE when there is none, and notes under it (e.g. the vertebrae the
+localizer did not find); the same text is in the PNG's `Description` text chunk, for a reader
+(and a test) that cannot look at pixels.
 """
 from __future__ import annotations
 
 import io
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 
 from cspine_jax import constants
 
@@ -57,12 +60,23 @@ def _panel(hu2d: np.ndarray, lab2d: np.ndarray, mm_per_px: tuple[float, float],
   return out
 
 
+def title_lines(patient_probability: float | None, notes=()) -> list[str]:
+  """The overlay's title and notes, one string per line."""
+  if patient_probability is None:
+    head = 'NOT ASSESSABLE: no fracture probability for this study'
+  else:
+    head = f'patient fracture probability {patient_probability:.2f}'
+  return [head, *notes]
+
+
 def render(hu: np.ndarray, mask: np.ndarray, spacing_mm, probs: dict,
-           patient_probability: float) -> bytes:
+           patient_probability: float | None, notes=()) -> bytes:
   """PNG bytes: sagittal (left) and coronal (right) through the centre of the mask.
 
   hu, mask: (z, y, x) on the same grid (z = 0 superior; y, x the DICOM rows and columns).
-  Without any predicted vertebra the views go through the volume's centre.
+  Without any predicted vertebra the views go through the volume's centre. probs: name ->
+  probability, None for a vertebra not assessed; patient_probability None: the study is not
+  assessable (the title says so). notes: lines printed under the title.
   """
   dz, dy, dx = (float(v) for v in spacing_mm)
   # The centre from a strided sample of the mask: exact enough for a slice position and ~30x
@@ -78,14 +92,20 @@ def render(hu: np.ndarray, mask: np.ndarray, spacing_mm, probs: dict,
   cx = int(np.clip(cx, 0, mask.shape[2] - 1))
   sag = _panel(hu[:, :, cx], mask[:, :, cx], (dz, dy), probs, f'sagittal (x={cx})')
   cor = _panel(hu[:, cy, :], mask[:, cy, :], (dz, dx), probs, f'coronal (y={cy})')
-  header = 28
+  lines = title_lines(patient_probability, notes)
+  line_px = 14
+  header = 14 + line_px * len(lines)
   width = sag.width + cor.width + 10
   canvas = Image.new('RGB', (width, max(sag.height, cor.height) + header), (0, 0, 0))
   canvas.paste(sag, (0, header))
   canvas.paste(cor, (sag.width + 10, header))
   draw = ImageDraw.Draw(canvas)
-  draw.text((6, 8), f'patient fracture probability {patient_probability:.2f}',
-            fill=(255, 255, 255))
+  for i, line in enumerate(lines):
+    # The verdict in white; a missing answer (not assessable, levels not found) in amber.
+    plain = i == 0 and patient_probability is not None
+    draw.text((6, 8 + line_px * i), line, fill=(255, 255, 255) if plain else (255, 176, 0))
+  info = PngImagePlugin.PngInfo()
+  info.add_text('Description', '\n'.join(lines))
   buf = io.BytesIO()
-  canvas.save(buf, format='PNG')
+  canvas.save(buf, format='PNG', pnginfo=info)
   return buf.getvalue()

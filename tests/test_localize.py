@@ -1,6 +1,8 @@
 """Two-stage flow: Dice, the volume/segmentation element, a tiny localizer trained end to end
 through data_tools.localize (files, manifest, same grid, resumability) and cspine_jax.predict on
-a raw DICOM folder (JSON keys, PNG), and a bad folder failing cleanly."""
+a raw DICOM folder (JSON keys, PNG, no patient tag in any output; every vertebra found, some,
+none: not assessable), and a bad folder failing cleanly."""
+import io
 import json
 import os
 import shutil
@@ -26,6 +28,7 @@ from cspine_jax.data import manifest
 from cspine_jax.data import pipeline
 from cspine_jax.data import store
 from cspine_jax.models import segmenter
+from data_tools import dicom
 from tests.conftest import repo_root
 
 
@@ -216,27 +219,194 @@ def test_localize_writes_masks_boxes_and_resumes(two_stage):
               if n.startswith('.tmp-')]
 
 
-def test_predict_on_a_dicom_folder(two_stage, tmp_path):
-  folder = os.path.join(two_stage['raw'], 'test_images')
-  study = os.path.join(folder, sorted(os.listdir(folder))[0])
-  result, png = predict.predict(two_stage['classifier'], two_stage['localizer'], study)
+# Tags that identify the patient, the institution or the study; none may reach any output.
+PHI_TAGS = ('PatientName', 'PatientID', 'PatientBirthDate', 'InstitutionName',
+            'ReferringPhysicianName', 'AccessionNumber', 'StudyInstanceUID', 'SeriesInstanceUID',
+            'SOPInstanceUID', 'FrameOfReferenceUID')
+
+
+def _phi_values(folder) -> set[str]:
+  """Every non-empty value of PHI_TAGS in the folder's slices (PatientName also by component).
+
+  Values shorter than 5 characters are left out: 'M' or 'Doe' turn up in any PNG by chance.
+  """
+  values, seen = set(), set()
+  for name in os.listdir(folder):
+    ds = pydicom.dcmread(os.path.join(folder, name), stop_before_pixels=True)
+    for tag in PHI_TAGS:
+      value = str(ds.get(tag, '') or '')
+      if value:
+        seen.add(tag)
+        values.add(value)
+        values.update(part for part in value.split('^') if len(part) >= 5)
+  assert seen == set(PHI_TAGS), f'the source lacks {set(PHI_TAGS) - seen}: nothing to look for'
+  return {v for v in values if len(v) >= 5}
+
+
+def _assert_no_phi(folder, *outputs):
+  values = _phi_values(folder)
+  assert len(values) >= len(PHI_TAGS)
+  for out in outputs:
+    data = out if isinstance(out, bytes) else out.encode()
+    leaked = sorted(v for v in values if v.encode() in data)
+    assert not leaked, leaked
+
+
+def _segmented_study(two_stage):
+  """(raw DICOM folder, true C1-C7 mask) of a training study with a mask (all seven present)."""
+  uid = next(s.uid for s in manifest.load_manifest(two_stage['data']) if s.has_segmentation)
+  mask = store.read_array(os.path.join(two_stage['data'], 'segmentations', uid))
+  assert sorted(store.vertebra_boxes(mask)) == list(constants.VERTEBRAE)
+  return os.path.join(two_stage['raw'], 'train_images', uid), mask
+
+
+def _oracle_localizer(monkeypatch, mask):
+  """The localizer runs, then its answer is replaced by ``mask`` (the fixture's 2-step
+  localizer finds no vertebra in any study, so the found path needs an oracle)."""
+  real = localize_lib.localize
+
+  def localize(model, reader, study, keep_largest=True):
+    loc = real(model, reader, study, keep_largest)
+    assert mask.shape == tuple(study.shape)
+    return localize_lib.Localization(mask=mask, boxes=store.vertebra_boxes(mask),
+                                     lowres=loc.lowres, timings=loc.timings)
+
+  monkeypatch.setattr(localize_lib, 'localize', localize)
+
+
+@pytest.fixture(scope='module')
+def oracle_predictions(two_stage):
+  """predict on a segmented training study with its true mask as the localizer's answer: all
+  seven vertebrae ('full'), and C6 and C7 left out ('part'); each (result, png)."""
+  study, mask = _segmented_study(two_stage)
+  part_mask = np.where(mask >= 6, 0, mask).astype(mask.dtype)
+  runs = {'study': study, 'mask': mask}
+  for key, m in (('full', mask), ('part', part_mask)):
+    with pytest.MonkeyPatch.context() as mp:
+      _oracle_localizer(mp, m)
+      runs[key] = predict.predict(two_stage['classifier'], two_stage['localizer'], study)
+  return runs
+
+
+def test_predict_on_a_dicom_folder(oracle_predictions, tmp_path):
+  study, mask = oracle_predictions['study'], oracle_predictions['mask']
+  result, png = oracle_predictions['full']
   out = str(tmp_path / 'out')
   predict.write_outputs(out, result, png)
   assert sorted(os.listdir(out)) == ['overlay.png', 'prediction.json']
   saved = json.load(open(os.path.join(out, 'prediction.json')))
+  assert saved['assessable'] is True and saved['not_assessable_reason'] is None
+  assert saved['not_assessed'] == {}
   assert list(saved['probabilities']) == list(constants.TARGETS)
   assert all(0.0 <= p <= 1.0 for p in saved['probabilities'].values())
   assert saved['checkpoints'] == {'classifier': 1, 'localizer': 2}
   assert {'read_dicom', 'load_models', 'localize', 'classify', 'overlay', 'total'} <= set(
       saved['timings_s'])
+  assert list(saved['vertebrae']) == list(constants.VERTEBRAE)
   for name, v in saved['vertebrae'].items():
-    assert name in constants.VERTEBRAE
-    assert len(v['box_voxel']) == 6 and len(v['box_lps_mm']) == 2 and len(v['center_lps_mm']) == 3
+    assert v['box_voxel'] == store.vertebra_boxes(mask)[name]
+    assert len(v['box_lps_mm']) == 2 and len(v['center_lps_mm']) == 3
+    assert v['probability'] == saved['probabilities'][name]
   img = Image.open(os.path.join(out, 'overlay.png'))
   assert img.format == 'PNG' and img.width > 100
-  # Nothing from patient tags (the synthetic data's fake names start with these).
-  text = open(os.path.join(out, 'prediction.json')).read()
-  assert os.path.basename(study) not in text
+  p = saved['probabilities']['patient_overall']
+  assert img.text['Description'] == f'patient fracture probability {p:.2f}'
+  assert predict.summary(saved).startswith(f'patient_overall {p:.3f}; C1 ')
+  # Nothing from patient, institution or study tags, in either file.
+  _assert_no_phi(study, open(os.path.join(out, 'prediction.json')).read(),
+                 open(os.path.join(out, 'overlay.png'), 'rb').read())
+
+
+def test_predict_some_vertebrae_not_found(oracle_predictions):
+  """Found vertebrae keep their probabilities; the others are null with a reason; the patient
+  probability stays, flagged as resting on the found ones."""
+  full, _ = oracle_predictions['full']
+  part, png = oracle_predictions['part']
+  p, q = part['probabilities'], full['probabilities']
+  assert part['assessable'] is True and part['not_assessable_reason'] is None
+  assert p['C6'] is None and p['C7'] is None
+  assert part['not_assessed'] == {'C6': 'the localizer found no C6',
+                                  'C7': 'the localizer found no C7'}
+  assert list(part['vertebrae']) == ['C1', 'C2', 'C3', 'C4', 'C5']
+  for name in ('C1', 'C2', 'C3', 'C4', 'C5'):  # each crop is classified on its own
+    assert p[name] == pytest.approx(q[name], abs=1e-6)
+  assert 0.0 <= p['patient_overall'] <= 1.0
+  assert 'patient_overall rests on C1-C5 only (the classifier saw no image of C6, C7)' in (
+      part['warnings'])
+  assert any(w.startswith('the localizer found no C6, C7: not assessed') for w in part['warnings'])
+  line = predict.summary(part)
+  assert line.startswith(f'patient_overall {p["patient_overall"]:.3f} (from C1-C5 only); C1 ')
+  assert line.endswith('C5 %.3f, C6 not found, C7 not found' % p['C5'])
+  text = Image.open(io.BytesIO(png)).text['Description']
+  assert text == (f'patient fracture probability {p["patient_overall"]:.2f}\n'
+                  'not found, no probability: C6, C7')
+  json.dumps(part, allow_nan=False)  # nulls, not NaN
+
+
+def _air_series(src, dst):
+  """A copy of the series ``src`` with every voxel at -1000 HU (air); tags kept as they are."""
+  os.makedirs(dst)
+  for name in os.listdir(src):
+    ds = pydicom.dcmread(os.path.join(src, name))
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+      ds.decompress()  # JPEG Lossless: the new pixels are written uncompressed
+    slope, intercept = float(ds.get('RescaleSlope', 1)), float(ds.get('RescaleIntercept', 0))
+    stored = ds.pixel_array
+    ds.PixelData = np.full_like(stored, round((-1000 - intercept) / slope)).tobytes()
+    ds.save_as(os.path.join(dst, name))
+
+
+def test_predict_not_assessable_when_no_vertebra_is_found(two_stage, tmp_path):
+  folder = os.path.join(two_stage['raw'], 'test_images')
+  air = str(tmp_path / 'air')
+  _air_series(os.path.join(folder, sorted(os.listdir(folder))[0]), air)
+  # The input really holds nothing, and the real localizer really finds nothing in it.
+  series = dicom.read_series(air)
+  assert (series.hu == -1000).all()
+  reader = localize_lib.ArrayReader({store.VOLUMES: {'s': series.hu}})
+  study = localize_lib.study_from_geometry('s', series.hu.shape, series.spacing,
+                                           series.direction, series.origin)
+  loc = localize_lib.localize(localize_lib.load(two_stage['localizer']), reader, study)
+  assert loc.boxes == {} and not loc.mask.any()
+  out = str(tmp_path / 'out')
+  env = dict(os.environ, PYTHONPATH=repo_root())
+  proc = subprocess.run([sys.executable, '-m', 'cspine_jax.predict',
+                         f'--classifier={two_stage["classifier"]}',
+                         f'--localizer={two_stage["localizer"]}', f'--dicom={air}',
+                         f'--output={out}'], capture_output=True, text=True, env=env,
+                        cwd=repo_root(), timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]  # a result, not a failure
+  assert proc.stdout.startswith(f'not assessable: {predict.NONE_FOUND}\n'), proc.stdout
+  saved = json.load(open(os.path.join(out, 'prediction.json')))
+  assert saved['assessable'] is False and saved['not_assessable_reason'] == predict.NONE_FOUND
+  assert saved['probabilities'] == dict.fromkeys(constants.TARGETS)
+  assert list(saved['not_assessed']) == list(constants.TARGETS)
+  assert saved['not_assessed']['patient_overall'] == predict.NONE_FOUND
+  assert saved['not_assessed']['C3'] == 'the localizer found no C3'
+  assert saved['vertebrae'] == {}
+  assert 'classify' not in saved['timings_s']  # nothing to classify: the classifier is not run
+  assert saved['checkpoints'] == {'classifier': 1, 'localizer': 2}
+  png = open(os.path.join(out, 'overlay.png'), 'rb').read()
+  img = Image.open(io.BytesIO(png))
+  assert img.text['Description'] == ('NOT ASSESSABLE: no fracture probability for this study\n'
+                                     'the localizer found no vertebra C1-C7')
+  assert img.width > 100
+  _assert_no_phi(air, proc.stdout, proc.stderr, open(os.path.join(out, 'prediction.json')).read(),
+                 png)
+
+
+def test_predict_missing_dicom_folder_is_a_usage_error(two_stage, tmp_path):
+  out = str(tmp_path / 'out')
+  env = dict(os.environ, PYTHONPATH=repo_root())
+  proc = subprocess.run([sys.executable, '-m', 'cspine_jax.predict',
+                         f'--classifier={two_stage["classifier"]}',
+                         f'--localizer={two_stage["localizer"]}',
+                         f'--dicom={tmp_path / "nothing"}', f'--output={out}'],
+                        capture_output=True, text=True, env=env, cwd=repo_root(), timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'error: --dicom={tmp_path / "nothing"} is not a folder')
+  assert not os.path.exists(out)
 
 
 def test_predict_bad_folder_fails_clearly_and_writes_nothing(two_stage, tmp_path):
@@ -256,24 +426,36 @@ def test_predict_bad_folder_fails_clearly_and_writes_nothing(two_stage, tmp_path
                          f'--output={out}'], capture_output=True, text=True, env=env,
                         cwd=repo_root(), timeout=120)
   assert proc.returncode == 1, proc.stderr[-2000:]
-  assert 'modality MR, expected CT' in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'error: {bad}: ') and 'modality MR, expected CT' in last, last
   assert not os.path.exists(out)
 
 
-def test_old_layout_workdirs_predict_and_eval_as_before(two_stage, tmp_path):
+def test_old_layout_workdirs_predict_and_eval_as_before(two_stage, oracle_predictions, tmp_path,
+                                                        monkeypatch):
   """Workdirs whose checkpoints hold one `state` item (the layout before the model/train split)
   give the new eval and predict exactly what the same weights give in the new layout."""
   from cspine_jax import eval as eval_lib
-  from cspine_jax import predict
   from tests.test_restore import write_legacy_copy
   old_cls, old_loc = str(tmp_path / 'classifier'), str(tmp_path / 'localizer')
   write_legacy_copy(two_stage['classifier'], old_cls)
   write_legacy_copy(two_stage['localizer'], old_loc)
   assert os.listdir(os.path.join(old_cls, 'checkpoints', '1')).count('state') == 1
-  folder = os.path.join(two_stage['raw'], 'test_images')
-  study = os.path.join(folder, sorted(os.listdir(folder))[0])
-  new, _ = predict.predict(two_stage['classifier'], two_stage['localizer'], study)
+  study, mask = oracle_predictions['study'], oracle_predictions['mask']
+  # The localizers' own outputs: their class probabilities (the 2-step localizer's labels are
+  # all background, so its boxes would compare nothing)...
+  series = dicom.read_series(study)
+  reader = localize_lib.ArrayReader({store.VOLUMES: {'s': series.hu}})
+  geo = localize_lib.study_from_geometry('s', series.hu.shape, series.spacing, series.direction,
+                                         series.origin)
+  seg = [m.segment_probs(localize_lib.input_for(m, reader, geo)[0])
+         for m in (localize_lib.load(two_stage['localizer']), localize_lib.load(old_loc))]
+  np.testing.assert_array_equal(seg[0], seg[1])
+  # ... and, with every vertebra found, the classifiers' probabilities (not nulls).
+  _oracle_localizer(monkeypatch, mask)
+  new = oracle_predictions['full'][0]
   old, _ = predict.predict(old_cls, old_loc, study)
+  assert None not in new['probabilities'].values()
   assert old['probabilities'] == new['probabilities'] and old['vertebrae'] == new['vertebrae']
   assert old['checkpoints'] == new['checkpoints'] == {'classifier': 1, 'localizer': 2}
   a = eval_lib.run(two_stage['classifier'], two_stage['data'], 'latest',
