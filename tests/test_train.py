@@ -106,10 +106,31 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _step_metrics(workdir, keys=('loss', 'grad_norm', 'param_norm')):
+  """{step: {key: value}} of the training lines of metrics.jsonl."""
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      rec = json.loads(line)
+      if 'loss' in rec:
+        out[rec['step']] = {k: rec[k] for k in keys}
+  return out
+
+
 def test_two_processes_match_one_process(synthetic_converted, tmp_path):
+  """One process with 2 devices and two processes with 1 each take the same steps.
+
+  The smoke config alone would prove little: its zero-init head makes the first losses a
+  function of the head bias only, its warm-up starts at lr 0 (step 1 moves nothing), and Adam
+  divides out any constant factor on the gradient (a mean over one process's half of the batch
+  instead of the global batch would train the same). So: no warm-up, a random head, an lr that
+  moves the loss, and the gradient and parameter norms compared too.
+  """
   root = synthetic_converted[1]
   extra = ['--config.total_steps=3', '--config.eval_every_steps=0',
-           '--config.checkpoint_every_steps=3']
+           '--config.checkpoint_every_steps=3', '--config.optimizer.warmup_steps=0',
+           '--config.optimizer.lr=0.01', '--config.optimizer.schedule=constant',
+           '--config.model.head_zero_init=False']
   one = str(tmp_path / 'one')
   subprocess.run(_train_cmd(root, one, *extra), check=True, cwd=repo_root(), env=_env(2),
                  capture_output=True)
@@ -121,10 +142,15 @@ def test_two_processes_match_one_process(synthetic_converted, tmp_path):
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-  a, b = _losses(one), _losses(two)
+  a, b = _step_metrics(one), _step_metrics(two)
   assert sorted(a) == sorted(b) == [1, 2, 3]
+  # The run is not trivial: the parameters move and the loss with them; the gradient is not 0.
+  assert all(a[s]['grad_norm'] > 1e-3 for s in a)
+  assert abs(a[3]['param_norm'] - a[1]['param_norm']) > 1e-3
+  assert abs(a[3]['loss'] - a[1]['loss']) > 1e-3 * abs(a[1]['loss']), a
   for step in a:
-    assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a[step], b[step])
+    for key in ('loss', 'grad_norm', 'param_norm'):
+      assert b[step][key] == pytest.approx(a[step][key], rel=1e-4), (step, key, a, b)
 
 
 def test_nan_guard_stops_before_a_bad_checkpoint(smoke_config, tmp_path, monkeypatch):

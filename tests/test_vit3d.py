@@ -2,6 +2,7 @@
 
 import functools
 import importlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -262,6 +263,59 @@ def test_configs_build(name, params):
   assert flops.analytic_param_count(config.model) == params
   assert config.model.in_channels == len(config.data.windows)
   assert tuple(config.model.input_shape) == tuple(config.data.input_shape)
+
+
+def _vit_closed_form(m) -> dict[str, int]:
+  """Parameters of a plain ViT3D by part, counted from the architecture, not from the model or
+  cspine_jax.benchmarks.flops (whose closed form test_configs_build compares with): the patch
+  embedding (optional LayerNorms around a Linear), a learned position code per token, CLS (and
+  DIST) tokens, per block two LayerNorms, qkv, the output projection and the 2-layer MLP, a
+  final LayerNorm and the 8-way head (and its DIST twin). LayerNorm: scale + bias."""
+  assert m.attention == 'full' and not m.conv_stem and not m.hint_dim
+  assert m.patient_head == 'logit'  # 8 outputs: patient_overall, C1..C7
+  ln = lambda n: 2 * n  # noqa: E731
+  dense = lambda i, o, bias=True: i * o + (o if bias else 0)  # noqa: E731
+  d, mlp = m.width, m.mlp_dim
+  inner = m.num_heads * (m.head_dim or m.width // m.num_heads)
+  patch = math.prod(m.patch_size) * m.in_channels
+  tokens = math.prod(i // p for i, p in zip(m.input_shape, m.patch_size))
+  block = (ln(d) + dense(d, 3 * inner, m.qkv_bias) + dense(inner, d)
+           + ln(d) + dense(d, mlp) + dense(mlp, d))
+  parts = {
+      'patch_embed': dense(patch, d) + (ln(patch) + ln(d) if m.patch_embed_norm else 0),
+      'cls': d,
+      'encoder': m.depth * block,
+      'final_norm': ln(d),
+      'head': dense(d, len(constants.TARGETS)),
+  }
+  if m.pos_embedding == 'learned':
+    parts['pos'] = tokens * d  # sincos: computed, not a parameter
+  if m.distill_token:
+    parts.update(dist=d, head_dist=dense(d, len(constants.TARGETS)))
+  return parts
+
+
+@pytest.mark.parametrize('name,total', [
+    # ViT-B, 2048-voxel patches of 1 channel, 1024 tokens: patch embedding 2*2048 + 2048*768 +
+    # 768 + 2*768 = 1,579,264; position 1024*768 = 786,432; CLS 768; a block 2*768 +
+    # 768*2304 (no qkv bias) + 768*768 + 768 + 2*768 + 768*3072 + 3072 + 3072*768 + 768 =
+    # 7,085,568, twelve 85,026,816; final norm 1,536; head 768*8 + 8 = 6,152.
+    ('vit_b1', 87_400_968), ('vit_b2', 87_400_968),
+    ('vit_b2_distill', 87_400_968 + 768 + 6_152),  # + DIST token and its head
+    # ViT-S width, depth 6, 4096-voxel patches, sincos (no position parameters), qkv bias.
+    ('bench_cpu', 4096 * 384 + 384 + 384 + 6 * (4 * 384 + 384 * 1152 + 1152 + 384 * 384 + 384
+                                                 + 384 * 1536 + 1536 + 1536 * 384 + 384)
+     + 768 + 384 * 8 + 8)])
+def test_vit_parameter_counts_by_part_match_the_architecture(name, total):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  want = _vit_closed_form(config.model)
+  assert sum(want.values()) == total
+  # Abstract: shapes only, no ViT-B initialised.
+  state = jax.eval_shape(lambda: nnx.state(build_model(config.model, 0), nnx.Param))
+  got = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    got[path[0].key] = got.get(path[0].key, 0) + math.prod(leaf.shape)
+  assert got == want
 
 
 def test_conv_stem_feeds_the_patch_embedding_and_trains():
