@@ -22,7 +22,6 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 

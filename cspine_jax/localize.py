@@ -45,7 +45,13 @@ def define_flags():
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not os.path.isfile(store.manifest_path(FLAGS.data)):
+    raise cli.UsageError(f'--data={FLAGS.data}: no {store.MANIFEST} (run python -m '
+                         'data_tools.convert)')
+  if not os.path.isfile(os.path.join(FLAGS.workdir, 'config.json')):
+    raise cli.UsageError(f'--workdir={FLAGS.workdir}: not a training workdir (no config.json)')
   start = time.time()
   records = localize_lib.run(FLAGS.workdir, FLAGS.data, FLAGS.checkpoint, FLAGS.keep_largest,
                              FLAGS.progress)

@@ -15,7 +15,6 @@ probabilities are clipped to [1e-15, 1 - 1e-15].
 from __future__ import annotations
 
 import csv
-import math
 import os
 
 from absl import flags
@@ -23,6 +22,7 @@ import numpy as np
 
 from cspine_jax import cli
 from cspine_jax import constants
+from cspine_jax.data import kaggle
 
 EPS = 1e-15
 
@@ -107,58 +107,13 @@ def report(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dic
 # ---------------------------------------------------------------------------------------------
 
 
-def _cell(value) -> str:
-  """A CSV cell as shown in an error: short, one line."""
-  if value is None:
-    return 'missing (the row is short)'
-  if not value.strip():
-    return 'empty'
-  return repr(value if len(value) <= 30 else value[:30] + '...')
-
-
-def _csv_rows(path: str, columns, example: str) -> list[tuple[int, dict]]:
-  """(line number, row) of a CSV whose header has every one of ``columns``; else ValueError."""
-  with open(path, newline='', encoding='utf-8-sig') as f:
-    reader = csv.DictReader(f)
-    try:
-      found = reader.fieldnames or []
-      missing = [c for c in columns if c not in found]
-      if missing:
-        header = ','.join(found)
-        header = header if len(header) <= 80 else header[:80] + '...'
-        raise ValueError(f'{path}: missing columns {missing} (header: '
-                         f'{header or "none, empty file"}; want {example})')
-      return [(reader.line_num, row) for row in reader]
-    except UnicodeDecodeError as e:
-      raise ValueError(f'{path}: not UTF-8 text (byte {e.start})') from None
-    except csv.Error as e:  # e.g. a NUL byte: not a ValueError, would end in a traceback
-      raise ValueError(f'{path}:{reader.line_num}: not CSV ({e})') from None
-
-
 def read_solution(path: str) -> dict[str, np.ndarray]:
   """train.csv layout (StudyInstanceUID, patient_overall, C1..C7) -> {uid: (8,) labels}.
 
-  ValueError naming the file and line: a missing column, an empty or repeated StudyInstanceUID
-  (which row would be the truth?), a label that is not 0 or 1, no study at all.
+  ValueError naming the file and line (`kaggle.read_labels`: a missing column, an empty or
+  repeated StudyInstanceUID, a label that is not 0 or 1), or no study at all.
   """
-  out, lines = {}, {}
-  columns = ('StudyInstanceUID',) + constants.TARGETS
-  for line, row in _csv_rows(path, columns, ','.join(columns)):
-    uid = (row['StudyInstanceUID'] or '').strip()
-    if not uid:
-      raise ValueError(f'{path}:{line}: empty StudyInstanceUID')
-    if uid in lines:
-      raise ValueError(f'{path}:{line}: StudyInstanceUID {uid} is already on line {lines[uid]}')
-    labels = []
-    for t in constants.TARGETS:
-      try:
-        value = float(row[t])
-      except (TypeError, ValueError):
-        value = math.nan
-      if value not in (0.0, 1.0):
-        raise ValueError(f'{path}:{line}: column {t}: {_cell(row[t])} is not 0 or 1')
-      labels.append(value)
-    out[uid], lines[uid] = np.array(labels), line
+  out = {uid: np.array(labels, float) for _, uid, labels in kaggle.read_labels(path)}
   if not out:
     raise ValueError(f'{path}: no study (only a header)')
   return out
@@ -173,7 +128,7 @@ def read_submission(path: str) -> dict[str, np.ndarray]:
   """
   values: dict[str, dict[str, float]] = {}
   lines: dict[str, int] = {}
-  for line, row in _csv_rows(path, ('row_id', 'fractured'), 'row_id,fractured'):
+  for line, row in kaggle.csv_rows(path, ('row_id', 'fractured')):
     row_id = (row['row_id'] or '').strip()
     uid, _, target = row_id.rpartition('_')
     if target not in constants.TARGETS:
@@ -181,7 +136,7 @@ def read_submission(path: str) -> dict[str, np.ndarray]:
       uid, _, rest = row_id.partition('_')
       target = rest
     if target not in constants.TARGETS or not uid:
-      raise ValueError(f'{path}:{line}: row_id {_cell(row["row_id"])} is not <UID>_<target> '
+      raise ValueError(f'{path}:{line}: row_id {kaggle.cell(row["row_id"])} is not <UID>_<target> '
                        f'(target one of {",".join(constants.TARGETS)})')
     if row_id in lines:
       raise ValueError(f'{path}:{line}: row_id {row_id} is already on line {lines[row_id]}')
@@ -189,7 +144,7 @@ def read_submission(path: str) -> dict[str, np.ndarray]:
     try:
       p = float(row['fractured'])
     except (TypeError, ValueError):
-      raise ValueError(f'{path}:{line}: fractured {_cell(row["fractured"])} is not a '
+      raise ValueError(f'{path}:{line}: fractured {kaggle.cell(row["fractured"])} is not a '
                        'number') from None
     if not 0 <= p <= 1:  # NaN too: every comparison with it is false
       raise ValueError(f'{path}:{line}: fractured={p} is not a probability in [0, 1]')

@@ -24,7 +24,6 @@ and is reported by its position ("study folder #3 of train_images/"), never by i
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import ctypes
 import fcntl
 import math
@@ -40,6 +39,7 @@ from tqdm import tqdm
 
 from cspine_jax import cli
 from cspine_jax import constants
+from cspine_jax.data import kaggle
 from cspine_jax.data import store
 from data_tools import dicom
 from data_tools import nifti
@@ -108,55 +108,14 @@ def discover(root: str) -> list[dict]:
   return jobs
 
 
-def _cell(value) -> str:
-  """A CSV cell as shown in an error: short, one line."""
-  if value is None:
-    return 'missing (the row is short)'
-  if not value.strip():
-    return 'empty'
-  return repr(value if len(value) <= 20 else value[:20] + '...')
-
-
-def _csv_rows(path: str, columns) -> list[tuple[int, dict]]:
-  """(line number, row) of a CSV file that has ``columns``; ValueError naming the file else."""
-  with open(path, newline='', encoding='utf-8-sig') as f:
-    reader = csv.DictReader(f)
-    try:
-      missing = [c for c in columns if c not in (reader.fieldnames or [])]
-      if missing:
-        raise ValueError(f'{path}: no column {", ".join(missing)} in the header line (want '
-                         f'{",".join(columns)})')
-      return [(reader.line_num, row) for row in reader]
-    except UnicodeDecodeError as e:
-      raise ValueError(f'{path}: not UTF-8 text (byte {e.start})') from None
-    except csv.Error as e:  # e.g. a NUL byte: not a ValueError, would end in a traceback
-      raise ValueError(f'{path}:{reader.line_num}: not CSV ({e})') from None
-
-
 def read_labels(root: str) -> dict[str, list[int]]:
   """{uid: 8 labels} of ROOT/train.csv; ValueError naming the file, line and column of a label
-  that is not 0 or 1, or of a study listed twice (which of its rows would be the truth?)."""
+  that is not 0 or 1, or of a study listed twice (`kaggle.read_labels`, the metric's reader)."""
   path = os.path.join(root, 'train.csv')
   if not os.path.isfile(path):
     return {}
-  out, lines = {}, {}
-  for line, row in _csv_rows(path, ('StudyInstanceUID',) + constants.TARGETS):
-    labels = []
-    for t in constants.TARGETS:
-      try:
-        value = float(row[t])
-      except (TypeError, ValueError):
-        value = math.nan
-      if value not in (0.0, 1.0):
-        raise ValueError(f'{path}:{line}: column {t}: {_cell(row[t])} is not 0 or 1')
-      labels.append(int(value))
-    uid = (row['StudyInstanceUID'] or '').strip()
-    if not is_valid_uid(uid):
-      continue  # no study folder can have this name (and it is not echoed: it may be a name)
-    if uid in lines:
-      raise ValueError(f'{path}:{line}: study {uid} is already on line {lines[uid]}')
-    out[uid], lines[uid] = labels, line
-  return out
+  # A uid that no study folder can have is skipped (and not echoed: it may be a name).
+  return {uid: labels for _, uid, labels in kaggle.read_labels(path) if is_valid_uid(uid)}
 
 
 def read_boxes(root: str) -> dict[str, list[dict]]:
@@ -167,7 +126,7 @@ def read_boxes(root: str) -> dict[str, list[dict]]:
     return {}
   keys = ('x', 'y', 'width', 'height', 'slice_number')
   out: dict[str, list[dict]] = {}
-  for line, row in _csv_rows(path, ('StudyInstanceUID',) + keys):
+  for line, row in kaggle.csv_rows(path, ('StudyInstanceUID',) + keys):
     box = {}
     for k in keys:
       try:
@@ -175,7 +134,7 @@ def read_boxes(root: str) -> dict[str, list[dict]]:
       except (TypeError, ValueError):
         box[k] = math.nan
       if not math.isfinite(box[k]) or (k == 'slice_number' and not box[k].is_integer()):
-        raise ValueError(f'{path}:{line}: column {k}: {_cell(row[k])} is not a '
+        raise ValueError(f'{path}:{line}: column {k}: {kaggle.cell(row[k])} is not a '
                          f'{"slice number" if k == "slice_number" else "number"}')
     uid = (row['StudyInstanceUID'] or '').strip()
     if is_valid_uid(uid):

@@ -485,3 +485,10 @@ def test_values_that_used_to_train_or_fail_late_are_config_errors(smoke_config, 
   smoke_config[block][name] = value
   with pytest.raises(train_loop.ConfigError, match=re.escape(message)):
     train_loop.train_and_evaluate(smoke_config, str(tmp_path / 'w'), progress=False)
+
+
+def test_localize_on_a_folder_without_a_manifest_is_a_usage_error(tmp_path):
+  # It used to end in a traceback from the manifest reader.
+  for alias in ('cspine_jax.localize', 'data_tools.localize'):
+    proc = _run(alias, f'--workdir={tmp_path}', f'--data={tmp_path / "nothing"}')
+    assert proc.returncode == 2 and 'no manifest.jsonl' in _one_error_line(proc)
