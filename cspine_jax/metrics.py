@@ -15,6 +15,7 @@ probabilities are clipped to [1e-15, 1 - 1e-15].
 from __future__ import annotations
 
 import csv
+import io
 import os
 
 from absl import flags
@@ -23,6 +24,7 @@ import numpy as np
 from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax.data import kaggle
+from cspine_jax.data import store
 
 EPS = 1e-15
 
@@ -161,15 +163,15 @@ def read_submission(path: str) -> dict[str, np.ndarray]:
 
 
 def write_submission(path: str, uids, probs: np.ndarray) -> None:
-  """Writes row_id,fractured for every study and target (atomically)."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='') as f:
-    w = csv.writer(f)
-    w.writerow(['row_id', 'fractured'])
-    for uid, p in zip(uids, np.asarray(probs)):
-      for name, value in zip(constants.TARGETS, p):
-        w.writerow([f'{uid}_{name}', f'{float(value):.6f}'])
-  os.replace(tmp, path)
+  """Writes row_id,fractured for every study and target (atomically, a unique temporary: two
+  writers never share one, and a killed run leaves no half file under ``path``)."""
+  f = io.StringIO(newline='')
+  w = csv.writer(f)
+  w.writerow(['row_id', 'fractured'])
+  for uid, p in zip(uids, np.asarray(probs)):
+    for name, value in zip(constants.TARGETS, p):
+      w.writerow([f'{uid}_{name}', f'{float(value):.6f}'])
+  store.atomic_write(path, f.getvalue())
 
 
 def score_files(solution: str, submission: str, threshold: float = 0.5) -> dict:
