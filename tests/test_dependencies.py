@@ -25,7 +25,8 @@ FIRST_PARTY = {'cspine_jax', 'data_tools', 'configs', 'tests'}
 # Import name -> distribution name, for every third-party module the code imports.
 DISTRIBUTIONS = {
     'absl': 'absl-py', 'flax': 'flax', 'gdcm': 'python-gdcm', 'grain': 'grain',
-    'imagecodecs': 'imagecodecs', 'jax': 'jax', 'ml_collections': 'ml-collections',
+    'highdicom': 'highdicom', 'imagecodecs': 'imagecodecs', 'jax': 'jax',
+    'ml_collections': 'ml-collections',
     'monai': 'monai', 'nibabel': 'nibabel', 'numpy': 'numpy', 'optax': 'optax',
     'orbax': 'orbax-checkpoint', 'packaging': 'pytest', 'PIL': 'pillow', 'psutil': 'psutil',
     'pydicom': 'pydicom', 'pytest': 'pytest', 'scipy': 'scipy', 'SimpleITK': 'SimpleITK',
