@@ -159,6 +159,22 @@ def upsample_probs(probs: np.ndarray, labels: np.ndarray, cmap: geometry.CropMap
   return mask
 
 
+def foreground_boxes(mask: np.ndarray) -> dict[str, list[int]]:
+  """`store.vertebra_boxes` of a full-grid mask, scanning only the labelled part: the neck is a
+  small part of a 512^2 scan (0.04 s instead of 0.19 s for 512^2 x 392 on 2 cores)."""
+  zs = np.flatnonzero(mask.any(axis=(1, 2)))
+  if not len(zs):
+    return {}
+  z0, z1 = int(zs[0]), int(zs[-1]) + 1
+  sub = mask[z0:z1]
+  profile = sub.max(axis=0)
+  ys, xs = np.flatnonzero(profile.any(axis=1)), np.flatnonzero(profile.any(axis=0))
+  y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+  offset = (z0, y0, x0) * 2
+  return {name: [v + o for v, o in zip(box, offset)]
+          for name, box in store.vertebra_boxes(sub[:, y0:y1, x0:x1]).items()}
+
+
 @dataclasses.dataclass
 class Localization:
   mask: np.ndarray  # (z, y, x) uint8 on the volume's grid, 0 and 1..7 = C1..C7
@@ -195,10 +211,15 @@ def localize(model: restore.InferenceModel, reader, study,
   t0 = time.perf_counter()
   if keep_largest:
     low = largest_components(low, NUM_CLASSES)
-  mask = upsample_probs(probs, low, cmap, study.shape)
-  if mask is None:
-    mask = upsample_labels(low, cmap, study.shape)
-  boxes = store.vertebra_boxes(mask)
+  if not low.any():
+    # Nothing found: the same all-background mask without the nearest-label gather and box
+    # scan over every voxel (~1 s of a 512^2 x 400 scan's prediction on 2 cores).
+    mask, boxes = np.zeros(study.shape, np.uint8), {}
+  else:
+    mask = upsample_probs(probs, low, cmap, study.shape)
+    if mask is None:
+      mask = upsample_labels(low, cmap, study.shape)
+    boxes = foreground_boxes(mask)
   t['upsample_s'] = time.perf_counter() - t0
   return Localization(mask=mask, boxes=boxes, lowres=low, timings=t)
 

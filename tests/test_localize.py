@@ -100,6 +100,20 @@ def test_component_filter_keeps_a_split_vertebra_and_drops_far_strays():
   assert (localize_lib.largest_components(labels, 8, reach=0)[6:8] == 0).all()
 
 
+def test_foreground_boxes_equal_the_full_scan():
+  """localize's boxes scan only the labelled part of the mask: the same boxes as
+  store.vertebra_boxes on random masks (empty ones, one voxel, labels at the edges)."""
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    shape = tuple(int(n) for n in rng.integers(1, 12, 3))
+    mask = np.zeros(shape, np.uint8)
+    for _ in range(int(rng.integers(0, 4))):
+      lo = [int(rng.integers(0, n)) for n in shape]
+      hi = [int(rng.integers(a, n)) + 1 for a, n in zip(lo, shape)]
+      mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = rng.integers(1, 8)
+    assert localize_lib.foreground_boxes(mask) == store.vertebra_boxes(mask), shape
+
+
 def test_probability_upsampling_places_the_boundary_between_voxel_centres():
   # Low-res C1 probability rising linearly along z: p(o) = o / 3 for low-res slices o = 0..3.
   p1 = np.broadcast_to((np.arange(4) / 3.0)[:, None, None], (4, 4, 4))
@@ -373,9 +387,13 @@ def test_predict_not_assessable_when_no_vertebra_is_found(two_stage, tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'cspine_jax.predict',
                          f'--classifier={two_stage["classifier"]}',
                          f'--localizer={two_stage["localizer"]}', f'--dicom={air}',
-                         f'--output={out}'], capture_output=True, text=True, env=env,
-                        cwd=repo_root(), timeout=120)
+                         f'--output={out}', '--dicom_outputs'], capture_output=True, text=True,
+                        env=env, cwd=repo_root(), timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]  # a result, not a failure
+  # --dicom_outputs: the SR (which says "not assessable"), no SEG (no vertebra to segment).
+  assert sorted(os.listdir(out)) == ['overlay.png', 'prediction.json', 'sr.dcm']
+  assert proc.stdout.rstrip().endswith(f'-> {out}/prediction.json, {out}/overlay.png, '
+                                       f'{out}/sr.dcm'), proc.stdout
   assert proc.stdout.startswith(f'not assessable: {predict.NONE_FOUND}\n'), proc.stdout
   saved = json.load(open(os.path.join(out, 'prediction.json')))
   assert saved['assessable'] is False and saved['not_assessable_reason'] == predict.NONE_FOUND
@@ -464,3 +482,243 @@ def test_old_layout_workdirs_predict_and_eval_as_before(two_stage, oracle_predic
                    split='labelled')
   assert open(tmp_path / 'new.csv').read() == open(tmp_path / 'old.csv').read()
   assert a['rsna_score'] == b['rsna_score'] and a['predicted_studies'] == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: a folder of study folders, a converted dataset; resumable, bad studies recorded.
+# ---------------------------------------------------------------------------------------------
+
+PATIENT_FOLDER = 'Smith John'  # a study folder named like a patient: must never be echoed
+
+
+def _slab_localizer(monkeypatch):
+  """The localizer runs, then its answer is replaced by seven slabs of the volume's centre (the
+  fixture's 2-step localizer finds nothing; this oracle fits any volume, so the classifier runs
+  on real crops of every study)."""
+  real = localize_lib.localize
+
+  def localize(model, reader, study, keep_largest=True):
+    loc = real(model, reader, study, keep_largest)
+    z, y, x = study.shape
+    mask = np.zeros(study.shape, np.uint8)
+    edges = np.linspace(z // 8, z - z // 8, 8).astype(int)
+    for v in range(7):
+      mask[edges[v]:edges[v + 1], y // 4:3 * y // 4, x // 4:3 * x // 4] = v + 1
+    return localize_lib.Localization(mask=mask, boxes=store.vertebra_boxes(mask),
+                                     lowres=loc.lowres, timings=loc.timings)
+
+  monkeypatch.setattr(localize_lib, 'localize', localize)
+
+
+@pytest.fixture(scope='module')
+def studies_folder(two_stage, tmp_path_factory):
+  """A Kaggle-style folder of 4 study folders, copied from the fixture's raw studies: good A, a
+  broken one (one slice's pixel data truncated), good C, and a good study under a patient-like
+  name. {'root', 'good': [A, C], 'broken', 'broken_file'}."""
+  root = str(tmp_path_factory.mktemp('studies') / 'test_images')
+  src = os.path.join(two_stage['raw'], 'train_images')
+  a, b, c = sorted(os.listdir(src))[:3]  # name order: the broken one in the middle
+  for uid in (a, b, c):
+    shutil.copytree(os.path.join(src, uid), os.path.join(root, uid))
+  shutil.copytree(os.path.join(src, a), os.path.join(root, PATIENT_FOLDER))
+  name = sorted(os.listdir(os.path.join(root, b)))[10]
+  path = os.path.join(root, b, name)
+  os.truncate(path, os.path.getsize(path) // 2)
+  return {'root': root, 'good': [a, c], 'broken': b, 'broken_file': name}
+
+
+@pytest.fixture(scope='module')
+def predictor(two_stage):
+  return predict.Predictor(two_stage['classifier'], two_stage['localizer'])
+
+
+def _no_name_anywhere(out, *texts):
+  """The patient-like folder name in no file name, file or text."""
+  for text in texts:
+    assert PATIENT_FOLDER not in text and 'Smith' not in text
+  for folder, dirs, files in os.walk(out):
+    for n in dirs + files:
+      assert 'Smith' not in n
+    for n in files:
+      assert b'Smith' not in open(os.path.join(folder, n), 'rb').read(), n
+
+
+def _same_prediction(a, b, tol=1e-6):
+  """Two prediction.json dicts alike but for timings (probabilities within ``tol``)."""
+  for k in ('assessable', 'not_assessable_reason', 'not_assessed', 'checkpoints'):
+    assert a[k] == b[k], k
+  for k in constants.TARGETS:
+    pa, pb = a['probabilities'][k], b['probabilities'][k]
+    assert (pa is None) == (pb is None) and (pa is None or abs(pa - pb) <= tol), (k, pa, pb)
+  assert list(a['vertebrae']) == list(b['vertebrae'])
+  for name in a['vertebrae']:
+    assert a['vertebrae'][name]['box_voxel'] == b['vertebrae'][name]['box_voxel']
+  assert a['volume']['shape'] == b['volume']['shape']
+  np.testing.assert_allclose(a['volume']['spacing_mm'], b['volume']['spacing_mm'], atol=1e-5)
+
+
+def _read_submission(path):
+  lines = open(path).read().splitlines()
+  assert lines[0] == 'row_id,fractured'
+  return {row.split(',')[0]: float(row.split(',')[1]) for row in lines[1:]}, len(lines) - 1
+
+
+def test_predict_batch_command_records_failures_resumes_and_hides_names(
+    two_stage, studies_folder, predictor, tmp_path):
+  """The command over a folder of studies: exit 1 after doing the good ones, a bad study and a
+  patient-named folder in failures.jsonl (the latter by position only), outputs equal to one-
+  study predict, the Kaggle submission keyed by folder names; a rerun skips finished studies
+  and retries the failed ones."""
+  root = str(tmp_path / 'test_images')
+  shutil.copytree(studies_folder['root'], root)
+  a, c = studies_folder['good']
+  broken = studies_folder['broken']
+  out = str(tmp_path / 'out')
+  env = dict(os.environ, PYTHONPATH=repo_root())
+  proc = subprocess.run([sys.executable, '-m', 'cspine_jax.predict',
+                         f'--classifier={two_stage["classifier"]}',
+                         f'--localizer={two_stage["localizer"]}', f'--dicom={root}',
+                         f'--output={out}'], capture_output=True, text=True, env=env,
+                        cwd=repo_root(), timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'error: 2 of 4 studies failed (see {out}/failures.jsonl)')
+  assert proc.stdout.startswith('4 studies: 2 predicted, 0 already done, 2 failed; '), proc.stdout
+  assert 'studies/min' in proc.stdout
+  assert 'predict: 100%' in proc.stderr  # the progress bar (ETA on the way)
+  # Each good study's folder, complete; none for the failed ones, and no temporary left.
+  assert sorted(os.listdir(out)) == sorted(['.predict', a, c, 'failures.jsonl', 'submission.csv'])
+  for uid in (a, c):
+    assert sorted(os.listdir(os.path.join(out, uid))) == ['overlay.png', 'prediction.json']
+  failures = [json.loads(l) for l in open(os.path.join(out, 'failures.jsonl'))]
+  assert [f['study'] for f in failures] == [broken, 'invalid-folder-test-4']
+  assert failures[0]['error'].startswith(f'{studies_folder["broken_file"]}: pixel data cannot '
+                                         'be decoded, truncated or corrupt'), failures[0]
+  assert failures[1]['error'].startswith('study folder #4 of --dicom (folders in name order) '
+                                         'is not named by a valid DICOM StudyInstanceUID')
+  _no_name_anywhere(out, proc.stdout, proc.stderr)
+  # The same as one-study predict on the same folder (models loaded for it alone).
+  saved = {u: json.load(open(os.path.join(out, u, 'prediction.json'))) for u in (a, c)}
+  for uid in (a, c):
+    single, _ = predict.predict(two_stage['classifier'], two_stage['localizer'],
+                                os.path.join(root, uid))
+    _same_prediction(saved[uid], single)
+    assert 'load_models' not in saved[uid]['timings_s']  # once per batch, not per study
+    assert {'read_dicom', 'localize', 'overlay', 'total'} <= set(saved[uid]['timings_s'])
+  # Kaggle's format: every target of every good study, by folder name; the nulls of these
+  # not-assessable studies (the 2-step localizer finds nothing) as the training prevalence.
+  rows, n = _read_submission(os.path.join(out, 'submission.csv'))
+  assert n == 16 and set(rows) == {f'{u}_{t}' for u in (a, c) for t in constants.TARGETS}
+  for uid in (a, c):
+    for t in constants.TARGETS:
+      p = saved[uid]['probabilities'][t]
+      want = predict.SUBMISSION_FALLBACK[t] if p is None else p
+      assert rows[f'{uid}_{t}'] == pytest.approx(want, abs=1e-6)
+
+  # A rerun (in-process: same models and options) skips the finished studies, retries the
+  # failed ones and writes the same files.
+  stamps = {u: os.stat(os.path.join(out, u, 'prediction.json')).st_mtime_ns for u in (a, c)}
+  before = {n: open(os.path.join(out, n)).read() for n in ('submission.csv', 'failures.jsonl')}
+  s = predict.run_batch(predictor, predict.dicom_jobs(root), out, 'dicom')
+  assert s.predicted == [] and s.skipped == [a, c] and list(s.failures) == [
+      broken, 'invalid-folder-test-4']
+  assert stamps == {u: os.stat(os.path.join(out, u, 'prediction.json')).st_mtime_ns
+                    for u in (a, c)}
+  assert before == {n: open(os.path.join(out, n)).read() for n in before}
+  # The broken study repaired: the next rerun predicts it (and only it).
+  shutil.rmtree(os.path.join(root, broken))
+  shutil.copytree(os.path.join(two_stage['raw'], 'train_images', broken),
+                  os.path.join(root, broken))
+  s = predict.run_batch(predictor, predict.dicom_jobs(root), out, 'dicom')
+  assert s.predicted == [broken] and list(s.failures) == ['invalid-folder-test-4']
+  rows, n = _read_submission(os.path.join(out, 'submission.csv'))
+  assert n == 24 and f'{broken}_C7' in rows
+  assert [json.loads(l)['study'] for l in open(os.path.join(out, 'failures.jsonl'))] == [
+      'invalid-folder-test-4']
+  _no_name_anywhere(out)
+
+
+def test_predict_batch_probabilities_match_one_study_and_converted(
+    two_stage, studies_folder, predictor, tmp_path, monkeypatch):
+  """With every vertebra found (an oracle), batch outputs equal one-study predict's numbers
+  (both good studies are compared with it, not assessable, in the test above), the submission
+  holds them, and --data (the converted volumes) gives the same."""
+  _slab_localizer(monkeypatch)
+  a, c = studies_folder['good']
+  root = studies_folder['root']
+  out = str(tmp_path / 'out')
+  s = predict.run_batch(predictor, predict.dicom_jobs(root), out, 'dicom')
+  assert s.predicted == [a, c] and len(s.failures) == 2 and s.filled == 0
+  rows, n = _read_submission(os.path.join(out, 'submission.csv'))
+  assert n == 16
+  from_data = str(tmp_path / 'from_data')
+  jobs = [j for j in predict.converted_jobs(two_stage['data']) if j['study'] in (a, c)]
+  d = predict.run_batch(predictor, jobs, from_data, 'data', data=two_stage['data'])
+  assert d.predicted == [a, c] and not d.failures
+  for uid in (a, c):
+    saved = json.load(open(os.path.join(out, uid, 'prediction.json')))
+    assert None not in saved['probabilities'].values() and saved['assessable']
+    if uid == a:  # one is enough here: predict() compiles the classifier again (~10 s)
+      single, _ = predict.predict(two_stage['classifier'], two_stage['localizer'],
+                                  os.path.join(root, uid))
+      _same_prediction(saved, single)
+    for t in constants.TARGETS:
+      assert rows[f'{uid}_{t}'] == pytest.approx(saved['probabilities'][t], abs=1e-6)
+    # The converted volume is the DICOM read, voxel for voxel; its geometry is the manifest's
+    # (rounded to 1e-6 mm), hence the tolerance.
+    hu = store.read_array(os.path.join(two_stage['data'], 'volumes', uid))
+    np.testing.assert_array_equal(hu, dicom.read_series(os.path.join(root, uid)).hu)
+    converted = json.load(open(os.path.join(from_data, uid, 'prediction.json')))
+    _same_prediction(converted, saved, tol=1e-4)
+    assert 'read_volume' in converted['timings_s'] and 'read_dicom' not in converted['timings_s']
+  assert open(os.path.join(from_data, 'failures.jsonl')).read() == ''
+  assert _read_submission(os.path.join(from_data, 'submission.csv'))[1] == 16
+
+
+def test_predict_batch_dicom_outputs(two_stage, studies_folder, predictor, tmp_path,
+                                     monkeypatch):
+  """--dicom_outputs: seg.dcm and sr.dcm in the study's folder (their content is
+  tests/test_dicom_outputs.py's); a rerun without the flag's files redoes the study."""
+  _slab_localizer(monkeypatch)
+  a = studies_folder['good'][0]
+  out = str(tmp_path / 'out')
+  jobs = [j for j in predict.dicom_jobs(studies_folder['root']) if j['study'] == a]
+  s = predict.run_batch(predictor, jobs, out, 'dicom', write_dicom=True, threshold=0.3)
+  assert s.predicted == [a] and not s.failures
+  assert sorted(os.listdir(os.path.join(out, a))) == ['overlay.png', 'prediction.json',
+                                                      'seg.dcm', 'sr.dcm']
+  saved = json.load(open(os.path.join(out, a, 'prediction.json')))
+  assert 'dicom_outputs' in saved['timings_s']
+  assert list(saved['timings_s'])[-1] == 'total'
+  # Without --dicom_outputs the finished study counts as done only if made the same way.
+  s = predict.run_batch(predictor, jobs, out, 'dicom')
+  assert s.predicted == [a]
+  assert sorted(os.listdir(os.path.join(out, a))) == ['overlay.png', 'prediction.json']
+  # Not assessable (the real 2-step localizer): the SR alone, and done as such on a rerun.
+  monkeypatch.undo()
+  for _ in range(2):
+    s = predict.run_batch(predictor, jobs, out, 'dicom', write_dicom=True, threshold=0.3)
+    assert sorted(os.listdir(os.path.join(out, a))) == ['overlay.png', 'prediction.json',
+                                                        'sr.dcm']
+  assert s.predicted == [] and s.skipped == [a]
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--threshold=1'], 'error: --threshold=1.0: must be between 0 and 1 (exclusive)'),
+    (['--data={data}', '--dicom_outputs'], 'error: --dicom_outputs needs --dicom: the SEG and '
+     "SR reference the source series' files, which a converted dataset does not keep"),
+])
+def test_predict_flag_errors_are_usage_errors(two_stage, studies_folder, tmp_path, args,
+                                              message):
+  out = str(tmp_path / 'out')
+  env = dict(os.environ, PYTHONPATH=repo_root())
+  source = [] if any(a.startswith('--data') for a in args) else [
+      f'--dicom={studies_folder["root"]}']
+  proc = subprocess.run([sys.executable, '-m', 'cspine_jax.predict',
+                         f'--classifier={two_stage["classifier"]}',
+                         f'--localizer={two_stage["localizer"]}', f'--output={out}', *source,
+                         *[a.format(data=two_stage['data']) for a in args]],
+                        capture_output=True, text=True, env=env, cwd=repo_root(), timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == message
+  assert not os.path.exists(out)
