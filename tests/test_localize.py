@@ -20,7 +20,7 @@ from configs import localizer
 from cspine_jax import constants
 from cspine_jax import localize_lib
 from cspine_jax import losses
-from cspine_jax import predict
+from cspine_jax import predict_lib
 from cspine_jax import seg_metrics
 from cspine_jax import train_loop
 from cspine_jax.data import geometry
@@ -298,7 +298,7 @@ def oracle_predictions(two_stage):
   for key, m in (('full', mask), ('part', part_mask)):
     with pytest.MonkeyPatch.context() as mp:
       _oracle_localizer(mp, m)
-      runs[key] = predict.predict(two_stage['classifier'], two_stage['localizer'], study)
+      runs[key] = predict_lib.predict(two_stage['classifier'], two_stage['localizer'], study)
   return runs
 
 
@@ -306,7 +306,7 @@ def test_predict_on_a_dicom_folder(oracle_predictions, tmp_path):
   study, mask = oracle_predictions['study'], oracle_predictions['mask']
   result, png = oracle_predictions['full']
   out = str(tmp_path / 'out')
-  predict.write_outputs(out, result, png)
+  predict_lib.write_outputs(out, result, png)
   assert sorted(os.listdir(out)) == ['overlay.png', 'prediction.json']
   saved = json.load(open(os.path.join(out, 'prediction.json')))
   assert saved['assessable'] is True and saved['not_assessable_reason'] is None
@@ -325,7 +325,7 @@ def test_predict_on_a_dicom_folder(oracle_predictions, tmp_path):
   assert img.format == 'PNG' and img.width > 100
   p = saved['probabilities']['patient_overall']
   assert img.text['Description'] == f'patient fracture probability {p:.2f}'
-  assert predict.summary(saved).startswith(f'patient_overall {p:.3f}; C1 ')
+  assert predict_lib.summary(saved).startswith(f'patient_overall {p:.3f}; C1 ')
   # Nothing from patient, institution or study tags, in either file.
   _assert_no_phi(study, open(os.path.join(out, 'prediction.json')).read(),
                  open(os.path.join(out, 'overlay.png'), 'rb').read())
@@ -348,7 +348,7 @@ def test_predict_some_vertebrae_not_found(oracle_predictions):
   assert 'patient_overall rests on C1-C5 only (the classifier saw no image of C6, C7)' in (
       part['warnings'])
   assert any(w.startswith('the localizer found no C6, C7: not assessed') for w in part['warnings'])
-  line = predict.summary(part)
+  line = predict_lib.summary(part)
   assert line.startswith(f'patient_overall {p["patient_overall"]:.3f} (from C1-C5 only); C1 ')
   assert line.endswith('C5 %.3f, C6 not found, C7 not found' % p['C5'])
   text = Image.open(io.BytesIO(png)).text['Description']
@@ -394,12 +394,12 @@ def test_predict_not_assessable_when_no_vertebra_is_found(two_stage, tmp_path):
   assert sorted(os.listdir(out)) == ['overlay.png', 'prediction.json', 'sr.dcm']
   assert proc.stdout.rstrip().endswith(f'-> {out}/prediction.json, {out}/overlay.png, '
                                        f'{out}/sr.dcm'), proc.stdout
-  assert proc.stdout.startswith(f'not assessable: {predict.NONE_FOUND}\n'), proc.stdout
+  assert proc.stdout.startswith(f'not assessable: {predict_lib.NONE_FOUND}\n'), proc.stdout
   saved = json.load(open(os.path.join(out, 'prediction.json')))
-  assert saved['assessable'] is False and saved['not_assessable_reason'] == predict.NONE_FOUND
+  assert saved['assessable'] is False and saved['not_assessable_reason'] == predict_lib.NONE_FOUND
   assert saved['probabilities'] == dict.fromkeys(constants.TARGETS)
   assert list(saved['not_assessed']) == list(constants.TARGETS)
-  assert saved['not_assessed']['patient_overall'] == predict.NONE_FOUND
+  assert saved['not_assessed']['patient_overall'] == predict_lib.NONE_FOUND
   assert saved['not_assessed']['C3'] == 'the localizer found no C3'
   assert saved['vertebrae'] == {}
   assert 'classify' not in saved['timings_s']  # nothing to classify: the classifier is not run
@@ -472,7 +472,7 @@ def test_old_layout_workdirs_predict_and_eval_as_before(two_stage, oracle_predic
   # ... and, with every vertebra found, the classifiers' probabilities (not nulls).
   _oracle_localizer(monkeypatch, mask)
   new = oracle_predictions['full'][0]
-  old, _ = predict.predict(old_cls, old_loc, study)
+  old, _ = predict_lib.predict(old_cls, old_loc, study)
   assert None not in new['probabilities'].values()
   assert old['probabilities'] == new['probabilities'] and old['vertebrae'] == new['vertebrae']
   assert old['checkpoints'] == new['checkpoints'] == {'classifier': 1, 'localizer': 2}
@@ -529,7 +529,7 @@ def studies_folder(two_stage, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def predictor(two_stage):
-  return predict.Predictor(two_stage['classifier'], two_stage['localizer'])
+  return predict_lib.Predictor(two_stage['classifier'], two_stage['localizer'])
 
 
 def _no_name_anywhere(out, *texts):
@@ -600,7 +600,7 @@ def test_predict_batch_command_records_failures_resumes_and_hides_names(
   # The same as one-study predict on the same folder (models loaded for it alone).
   saved = {u: json.load(open(os.path.join(out, u, 'prediction.json'))) for u in (a, c)}
   for uid in (a, c):
-    single, _ = predict.predict(two_stage['classifier'], two_stage['localizer'],
+    single, _ = predict_lib.predict(two_stage['classifier'], two_stage['localizer'],
                                 os.path.join(root, uid))
     _same_prediction(saved[uid], single)
     assert 'load_models' not in saved[uid]['timings_s']  # once per batch, not per study
@@ -612,14 +612,14 @@ def test_predict_batch_command_records_failures_resumes_and_hides_names(
   for uid in (a, c):
     for t in constants.TARGETS:
       p = saved[uid]['probabilities'][t]
-      want = predict.SUBMISSION_FALLBACK[t] if p is None else p
+      want = predict_lib.SUBMISSION_FALLBACK[t] if p is None else p
       assert rows[f'{uid}_{t}'] == pytest.approx(want, abs=1e-6)
 
   # A rerun (in-process: same models and options) skips the finished studies, retries the
   # failed ones and writes the same files.
   stamps = {u: os.stat(os.path.join(out, u, 'prediction.json')).st_mtime_ns for u in (a, c)}
   before = {n: open(os.path.join(out, n)).read() for n in ('submission.csv', 'failures.jsonl')}
-  s = predict.run_batch(predictor, predict.dicom_jobs(root), out, 'dicom')
+  s = predict_lib.run_batch(predictor, predict_lib.dicom_jobs(root), out, 'dicom')
   assert s.predicted == [] and s.skipped == [a, c] and list(s.failures) == [
       broken, 'invalid-folder-test-4']
   assert stamps == {u: os.stat(os.path.join(out, u, 'prediction.json')).st_mtime_ns
@@ -629,7 +629,7 @@ def test_predict_batch_command_records_failures_resumes_and_hides_names(
   shutil.rmtree(os.path.join(root, broken))
   shutil.copytree(os.path.join(two_stage['raw'], 'train_images', broken),
                   os.path.join(root, broken))
-  s = predict.run_batch(predictor, predict.dicom_jobs(root), out, 'dicom')
+  s = predict_lib.run_batch(predictor, predict_lib.dicom_jobs(root), out, 'dicom')
   assert s.predicted == [broken] and list(s.failures) == ['invalid-folder-test-4']
   rows, n = _read_submission(os.path.join(out, 'submission.csv'))
   assert n == 24 and f'{broken}_C7' in rows
@@ -647,19 +647,19 @@ def test_predict_batch_probabilities_match_one_study_and_converted(
   a, c = studies_folder['good']
   root = studies_folder['root']
   out = str(tmp_path / 'out')
-  s = predict.run_batch(predictor, predict.dicom_jobs(root), out, 'dicom')
+  s = predict_lib.run_batch(predictor, predict_lib.dicom_jobs(root), out, 'dicom')
   assert s.predicted == [a, c] and len(s.failures) == 2 and s.filled == 0
   rows, n = _read_submission(os.path.join(out, 'submission.csv'))
   assert n == 16
   from_data = str(tmp_path / 'from_data')
-  jobs = [j for j in predict.converted_jobs(two_stage['data']) if j['study'] in (a, c)]
-  d = predict.run_batch(predictor, jobs, from_data, 'data', data=two_stage['data'])
+  jobs = [j for j in predict_lib.converted_jobs(two_stage['data']) if j['study'] in (a, c)]
+  d = predict_lib.run_batch(predictor, jobs, from_data, 'data', data=two_stage['data'])
   assert d.predicted == [a, c] and not d.failures
   for uid in (a, c):
     saved = json.load(open(os.path.join(out, uid, 'prediction.json')))
     assert None not in saved['probabilities'].values() and saved['assessable']
     if uid == a:  # one is enough here: predict() compiles the classifier again (~10 s)
-      single, _ = predict.predict(two_stage['classifier'], two_stage['localizer'],
+      single, _ = predict_lib.predict(two_stage['classifier'], two_stage['localizer'],
                                   os.path.join(root, uid))
       _same_prediction(saved, single)
     for t in constants.TARGETS:
@@ -682,8 +682,8 @@ def test_predict_batch_dicom_outputs(two_stage, studies_folder, predictor, tmp_p
   _slab_localizer(monkeypatch)
   a = studies_folder['good'][0]
   out = str(tmp_path / 'out')
-  jobs = [j for j in predict.dicom_jobs(studies_folder['root']) if j['study'] == a]
-  s = predict.run_batch(predictor, jobs, out, 'dicom', write_dicom=True, threshold=0.3)
+  jobs = [j for j in predict_lib.dicom_jobs(studies_folder['root']) if j['study'] == a]
+  s = predict_lib.run_batch(predictor, jobs, out, 'dicom', write_dicom=True, threshold=0.3)
   assert s.predicted == [a] and not s.failures
   assert sorted(os.listdir(os.path.join(out, a))) == ['overlay.png', 'prediction.json',
                                                       'seg.dcm', 'sr.dcm']
@@ -691,13 +691,13 @@ def test_predict_batch_dicom_outputs(two_stage, studies_folder, predictor, tmp_p
   assert 'dicom_outputs' in saved['timings_s']
   assert list(saved['timings_s'])[-1] == 'total'
   # Without --dicom_outputs the finished study counts as done only if made the same way.
-  s = predict.run_batch(predictor, jobs, out, 'dicom')
+  s = predict_lib.run_batch(predictor, jobs, out, 'dicom')
   assert s.predicted == [a]
   assert sorted(os.listdir(os.path.join(out, a))) == ['overlay.png', 'prediction.json']
   # Not assessable (the real 2-step localizer): the SR alone, and done as such on a rerun.
   monkeypatch.undo()
   for _ in range(2):
-    s = predict.run_batch(predictor, jobs, out, 'dicom', write_dicom=True, threshold=0.3)
+    s = predict_lib.run_batch(predictor, jobs, out, 'dicom', write_dicom=True, threshold=0.3)
     assert sorted(os.listdir(os.path.join(out, a))) == ['overlay.png', 'prediction.json',
                                                         'sr.dcm']
   assert s.predicted == [] and s.skipped == [a]

@@ -164,7 +164,8 @@ def _loaded_after(imports: str, prefixes: tuple[str, ...]) -> list[str]:
 
 def test_inference_entry_points_never_import_the_training_side():
   training = ('cspine_jax.train_loop', 'cspine_jax.train_lib', 'cspine_jax.train')
-  assert _loaded_after('cspine_jax.eval, cspine_jax.predict, cspine_jax.localize', training) == []
+  assert _loaded_after('cspine_jax.eval, cspine_jax.predict, cspine_jax.predict_lib, '
+                       'cspine_jax.localize', training) == []
   # The offline tools load neither JAX nor the models' side.
   assert _loaded_after('data_tools.convert, data_tools.synthetic, data_tools.localize',
                        ('cspine_jax.models', 'cspine_jax.train', 'cspine_jax.restore', 'jax',
