@@ -122,6 +122,13 @@ def _read_headers(folder: str, warnings: list[str]) -> list[tuple[str, pydicom.D
         raise StudyError(f'{name}: not a readable DICOM file (truncated or corrupt)') from None
     except Exception as e:  # pylint: disable=broad-except
       raise StudyError(f'{name}: unreadable DICOM file ({type(e).__name__}: {e})') from None
+    if 'SOPClassUID' not in ds:
+      # A file cut inside its header parses as the file meta alone: an image with no tags,
+      # which would otherwise pass as "another series" and fail the study as a gap in z.
+      if not name.lower().endswith('.dcm'):
+        warnings.append(f'{name}: a DICOM file without an image (no SOPClassUID), ignored')
+        continue
+      raise StudyError(f'{name}: not a readable DICOM file (truncated or corrupt: no SOPClassUID)')
     out.append((name, ds))
   return out
 

@@ -15,6 +15,7 @@ import pytest
 from cspine_jax import constants
 from cspine_jax.data import manifest
 from cspine_jax.data import store
+from data_tools import dicom
 from data_tools import synthetic
 
 
@@ -224,3 +225,19 @@ def test_synthetic_study_folders_get_the_umask_mode(tmp_path):
     os.umask(old)
   folder = tmp_path / 'train_images' / study.uid
   assert stat.S_IMODE(os.stat(folder).st_mode) == 0o755
+
+
+def test_a_slice_cut_inside_its_header_fails_naming_that_file(tmp_path, one_study):
+  # It used to parse as file meta only, be set aside as a "second series (modality missing)",
+  # and fail the study as a gap in z between its two neighbours.
+  folder = os.path.join(one_study[0], 'train_images', one_study[1].uid)
+  copy = tmp_path / 'study'
+  copy.mkdir()
+  names = sorted(os.listdir(folder), key=lambda n: int(n.split('.')[0]))
+  for name in names:
+    with open(os.path.join(folder, name), 'rb') as f:
+      data = f.read()
+    (copy / name).write_bytes(data[:300] if name == names[len(names) // 2] else data)
+  with pytest.raises(dicom.StudyError, match=re.escape(f'{names[len(names) // 2]}: not a readable '
+                                                       'DICOM file')):
+    dicom.read_series(str(copy))
