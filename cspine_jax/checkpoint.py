@@ -183,7 +183,21 @@ def restore_latest_intact(mngr: ocp.CheckpointManager, workdir: str, config, sta
 
 def restore_model(mngr: ocp.CheckpointManager, step: int, model_like: dict) -> dict:
   """Restores only {"params", "rest", "ema"} (laid out like ``model_like``): no optimizer state
-  is read or needs a target. A legacy `state` item is read partially, the same keys only."""
+  is read or needs a target. A legacy `state` item is read partially, the same keys only.
+
+  A step whose files do not restore is a `cli.Failure` naming the step, the first line of the
+  reason and the other kept steps (inference never falls back silently: the user picks one)."""
+  _silence_closed_loop_callbacks()
+  try:
+    return _restore_model(mngr, step, model_like)
+  except Exception as e:  # noqa: BLE001  any failure of this step's files
+    others = [s for s in mngr.all_steps() if s != step]
+    raise cli.Failure(f'checkpoint step {step} in {mngr.directory} does not restore '
+                      f'({_reason(e)}); other kept steps: {sorted(others) or "none"} '
+                      '(--checkpoint=STEP)') from e
+
+
+def _restore_model(mngr: ocp.CheckpointManager, step: int, model_like: dict) -> dict:
   target = abstract(model_like)
   if _is_legacy(mngr, step):
     args = ocp.args.PyTreeRestore(item=target, partial_restore=True,

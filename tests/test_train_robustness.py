@@ -492,3 +492,15 @@ def test_localize_on_a_folder_without_a_manifest_is_a_usage_error(tmp_path):
   for alias in ('cspine_jax.localize', 'data_tools.localize'):
     proc = _run(alias, f'--workdir={tmp_path}', f'--data={tmp_path / "nothing"}')
     assert proc.returncode == 2 and 'no manifest.jsonl' in _one_error_line(proc)
+
+
+def test_eval_of_a_damaged_checkpoint_names_it_and_the_others(base_run, tmp_path):
+  root, workdir = _copy(base_run, tmp_path)
+  _damage_model_array(workdir, 4)
+  out = str(tmp_path / 'sub.csv')
+  proc = _run('cspine_jax.eval', f'--workdir={workdir}', f'--data={root}', f'--output={out}')
+  assert proc.returncode == 1
+  line = _one_error_line(proc)
+  assert 'checkpoint step 4' in line and 'other kept steps: [2]' in line, line
+  assert not os.path.exists(out)
+  assert eval_lib.run(workdir, root, '2', out)['checkpoint_step'] == 2
