@@ -178,4 +178,6 @@ def test_data_tools_localize_is_the_same_command():
     proc = subprocess.run([sys.executable, '-m', module, '--workdir=/nonexistent/w',
                            '--data=/nonexistent/d'], capture_output=True, text=True,
                           cwd=repo_root(), env=env, timeout=120)
-    assert proc.returncode == 1 and 'no manifest.jsonl' in proc.stderr, proc.stderr[-2000:]
+    # A usage error (exit 2), one line: it used to be a traceback from the manifest reader.
+    assert proc.returncode == 2 and 'no manifest.jsonl' in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().count('\n') == 0 and 'Traceback' not in proc.stderr
