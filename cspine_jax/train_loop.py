@@ -134,6 +134,13 @@ RESUMABLE_KEYS = frozenset({
     'data.num_workers', 'data.prefetch', 'data.cache_mb', 'distill.teacher_workdir'})
 
 
+# Keys that configs gained after workdirs were written without them, with the value the code
+# used when they were absent: an older workdir resumes unless one of them is really changed.
+ADDED_KEYS = {'keep_latest_checkpoints': 2, 'keep_best_checkpoints': 1, 'grad_accum_steps': 1,
+              'ema_decay': 0.0, 'param_sharding': 'replicate', 'dice_weight': 1.0,
+              'token_loss_weight': 0.0}
+
+
 def _flat(tree, prefix=''):
   out = {}
   for k, v in tree.items():
@@ -151,7 +158,7 @@ def check_resume_config(config, workdir: str, has_checkpoint: bool) -> None:
   if not has_checkpoint or not os.path.isfile(path):
     return
   with open(path) as f:
-    old = _flat(json.load(f))
+    old = {**ADDED_KEYS, **_flat(json.load(f))}
   new = _flat(json.loads(config.to_json_best_effort()))
   changed = sorted(k for k in old.keys() | new.keys()
                    if old.get(k, '<absent>') != new.get(k, '<absent>') and k not in RESUMABLE_KEYS)

@@ -371,6 +371,23 @@ def test_a_rerun_with_another_config_is_refused_and_changes_nothing(base_run, tm
   assert summary['checkpoint_step'] == 4
 
 
+def test_a_workdir_written_before_the_added_keys_still_resumes(base_run, tmp_path):
+  root, workdir = _copy(base_run, tmp_path)
+  path = os.path.join(workdir, 'config.json')
+  saved = json.load(open(path))
+  for key in train_loop.ADDED_KEYS:
+    del saved[key]
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  proc = _run(*_train_args(root, workdir, '--config.total_steps=5', '--config.eval_every_steps=0',
+                           '--config.checkpoint_every_steps=5'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert [r['step'] for r in _records(workdir)] == [1, 2, 3, 4, 5]
+  # A real change of one of them is still refused.
+  proc = _run(*_train_args(root, workdir, '--config.ema_decay=0.5'))
+  assert proc.returncode == 2 and 'ema_decay: 0.0 -> 0.5' in _one_error_line(proc)
+
+
 def _damage_model_array(workdir, step):
   files = [p for p in glob.glob(os.path.join(workdir, 'checkpoints', str(step), 'model', '**'),
                                 recursive=True) if os.path.isfile(p) and '/d/' in p]
