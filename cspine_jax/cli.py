@@ -53,10 +53,15 @@ def _message(e: BaseException) -> str:
   ("\"'ema_decai'\\nDid you mean ...\""), which would print as escaped quotes."""
   while isinstance(e, BaseException) and e.args and isinstance(e.args[0], BaseException):
     e = e.args[0]
-  text = str(e.args[0]) if e.args else str(e)
-  for _ in range(3):
-    text = text.strip().strip('"').replace("\\'", "'").replace('\\n', ' ')
-  text = re.sub(r"^'([^'\s]*)'", r'\1', text.strip())
+  # A KeyError's str() is the repr of its argument; any other exception's str() is its message
+  # (an OSError's args[0] is only the errno).
+  if isinstance(e, KeyError) and e.args:
+    text = str(e.args[0])
+    for _ in range(3):
+      text = text.strip().strip('"').replace("\\'", "'").replace('\\n', ' ')
+    text = re.sub(r"^'([^'\s]*)'", r'\1', text.strip())
+  else:
+    text = str(e)
   return ' '.join(text.split()) or type(e).__name__
 
 

@@ -515,3 +515,12 @@ def test_eval_of_a_damaged_checkpoint_names_it_and_the_others(base_run, tmp_path
   assert 'checkpoint step 4' in line and 'other kept steps: [2]' in line, line
   assert not os.path.exists(out)
   assert eval_lib.run(workdir, root, '2', out)['checkpoint_step'] == 2
+
+
+def test_error_messages_are_unwrapped_not_mangled():
+  nested = AttributeError(KeyError('\'ema_decai\'\nDid you mean "ema_decay" instead of "ema_decai"?'))
+  assert cli._message(nested) == 'ema_decai Did you mean "ema_decay" instead of "ema_decai"?'
+  missing = FileNotFoundError(2, 'No such file or directory', '/data/x.csv')
+  assert cli._message(missing) == "[Errno 2] No such file or directory: '/data/x.csv'"
+  assert cli._message(ValueError('a.csv:3: column C1: \'yes\' is not 0 or 1')) == (
+      "a.csv:3: column C1: 'yes' is not 0 or 1")
