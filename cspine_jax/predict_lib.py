@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -353,14 +352,10 @@ def converted_jobs(data: str) -> list[dict]:
 
 def _lock(output: str):
   """OUT for this command alone (its temporaries are cleaned at start); keep the file open."""
-  os.makedirs(os.path.join(output, RECORDS), exist_ok=True)
-  f = open(os.path.join(output, LOCK), 'a')  # pylint: disable=consider-using-with
-  try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    f.close()
+  f = store.try_lock(os.path.join(output, LOCK))
+  if f is None:
     raise cli.Failure(f'--output {output} is being written by another cspine_jax.predict (it '
-                      f'holds {os.path.join(output, LOCK)}); wait for it to finish') from None
+                      f'holds {os.path.join(output, LOCK)}); wait for it to finish')
   return f
 
 

@@ -278,14 +278,10 @@ def _lock_output(out: str):
 
   Waits for workers left by a killed command to exit before anything is touched.
   """
-  os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)
-  run_lock = open(os.path.join(out, RUN_LOCK), 'a')  # pylint: disable=consider-using-with
-  try:
-    fcntl.flock(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    run_lock.close()
+  run_lock = store.try_lock(os.path.join(out, RUN_LOCK))
+  if run_lock is None:
     raise OutputBusy(f'--output {out} is being written by another data_tools.convert '
-                     f'(it holds {os.path.join(out, RUN_LOCK)}); wait for it to finish') from None
+                     f'(it holds {os.path.join(out, RUN_LOCK)}); wait for it to finish')
   with open(os.path.join(out, WORKERS_LOCK), 'a') as workers:
     fcntl.flock(workers, fcntl.LOCK_EX)  # blocks while a killed run's worker still lives
   return run_lock

@@ -23,6 +23,7 @@ This module imports no JAX or Flax: the offline tools (data_tools/) import it an
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -164,6 +165,19 @@ def new_temp_dir(parent: str, uid: str, create: bool = False) -> str:
       os.rmdir(tmp)
     return tmp
   raise FileExistsError(f'no free temporary name in {parent}')
+
+
+def try_lock(path: str):
+  """The open file of an exclusive, non-blocking flock on ``path`` (made with its folder), held
+  while the file stays open; None when another process holds it (one command per output)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  f = open(path, 'a')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.close()
+    return None
+  return f
 
 
 def place(tmp: str, final: str) -> None:
