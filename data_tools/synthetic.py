@@ -206,6 +206,10 @@ def slice_dataset(study: Study, z: int, series_uid: str, frame_uid: str):
     setattr(ds, key, value)
   ds.PatientSex = 'O'
   ds.StudyDate = '20200101'
+  # Set, not left empty: GDCM's writer (JPEG Lossless studies) fills an absent StudyTime with
+  # the current time, which made the output differ run to run and slice to slice (dcm2niix then
+  # splits the series into one volume per slice).
+  ds.StudyTime = '120000'
   ds.StudyID = '1'
   ds.Modality = 'CT'
   ds.Manufacturer = 'cspine_jax synthetic'
