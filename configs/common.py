@@ -131,6 +131,11 @@ def get_config() -> config_dict.ConfigDict:
   config.model.head_zero_init = True
   config.model.head_bias_init = 'prior'
   config.model.attention = 'full'
+  # How attention is computed (cspine_jax/models/layers.py, ATTENTION_IMPLS): 'xla'
+  # (jax.nn.dot_product_attention), 'cudnn' (its cuDNN flash attention: GPU, bf16/fp16; the XLA
+  # path elsewhere) or 'einsum' (the plain path; also taken whenever attention dropout is
+  # active). Same parameters whichever: a run may resume with another value.
+  config.model.attention_impl = 'xla'
   config.model.deformable_layers = None
   config.model.deformable = None
   config.model.dtype = 'float32'

@@ -334,3 +334,56 @@ def test_conv_stem_feeds_the_patch_embedding_and_trains():
   assert float(jnp.abs(stem_grad).sum()) > 0  # the stem is on the path to the logits
   plain = build_model(kw, 0)
   assert plain.stem is None and plain.patch_embed.proj.kernel.shape == (4 ** 3, 16)
+
+
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_dot_product_attention_equals_the_einsum_path(with_bias):
+  """layers.attend: 'xla' (jax.nn.dot_product_attention) and 'einsum' give the same output and
+  the same gradients for q, k, v and the bias (the deformable layers' relative-position bias)."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(kk, (2, 9, 2, 8)) for kk in keys[:3])
+  bias = jax.random.normal(keys[3], (1, 2, 9, 9)) if with_bias else None
+
+  def f(impl):
+    def loss(q, k, v, bias):
+      out = layers.attend(q, k, v, bias=bias, impl=impl)
+      return jnp.sum(out * jnp.cos(out)), out
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, bias)
+    return out, grads
+
+  out_x, grads_x = f('xla')
+  out_e, grads_e = f('einsum')
+  assert float(jnp.abs(out_e).max()) > 0.1  # not a vacuous comparison
+  np.testing.assert_allclose(out_x, out_e, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               grads_x, grads_e)
+
+
+def test_attention_impl_reaches_the_deformable_and_full_layers():
+  """The key is wired through ViT3D: the same weights give the same logits either way."""
+  x = _x()
+  out = {impl: np.asarray(_outputs(_with_random_head(build_model(
+      dict(TINY, **DEFORM, attention_impl=impl), 0)), x)['logits']) for impl in ('xla', 'einsum')}
+  assert np.abs(out['einsum']).max() > 1e-2
+  np.testing.assert_allclose(out['xla'], out['einsum'], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_impl_paths():
+  path = layers.attention_path
+  assert path('xla', jnp.float32, has_bias=False, dropout_active=True) == 'einsum'
+  assert path('xla', jnp.bfloat16, has_bias=True, dropout_active=False) == 'xla'
+  assert path('cudnn', jnp.float32, has_bias=False, dropout_active=False) == 'xla'
+  assert path('einsum', jnp.bfloat16, has_bias=False, dropout_active=False) == 'einsum'
+  # Attention dropout in training: the einsum path, whatever the key says (same draws).
+  model = build_model(dict(TINY, attention_dropout=0.3, attention_impl='xla'), 0)
+  ref = build_model(dict(TINY, attention_dropout=0.3, attention_impl='einsum'), 0)
+  key = jax.random.key(4)
+  np.testing.assert_array_equal(_outputs(model, _x(), key, deterministic=False)['logits'],
+                                _outputs(ref, _x(), key, deterministic=False)['logits'])
+
+
+def test_a_bad_attention_impl_names_the_key_and_the_values():
+  from cspine_jax.models import factory
+  with pytest.raises(factory.ConfigError,
+                     match=r"config.model.attention_impl='flash'.*'xla', 'cudnn', 'einsum'"):
+    build_model(dict(TINY, attention_impl='flash'), 0)

@@ -96,7 +96,8 @@ class DeformableAttention(nnx.Module):
                offset_range_factor: float = 2.0, use_rpe: bool = True,
                qkv_bias: bool = True, attention_dropout: float = 0.0,
                norm_epsilon: float = 1e-6, gelu_approximate: bool = False,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+               attention_impl: str = 'xla'):
     inner = num_heads * head_dim
     g = offset_groups
     if width % g or inner % g or num_heads % g:
@@ -112,6 +113,8 @@ class DeformableAttention(nnx.Module):
     self.offset_range_factor = float(offset_range_factor)
     self.use_rpe = use_rpe
     self.attention_dropout = attention_dropout
+    layers.attention_path(attention_impl, dtype, has_bias=use_rpe, dropout_active=False)
+    self.attention_impl = attention_impl
     self.gelu_approximate = gelu_approximate
     self.dtype = dtype
     geo = [conv_geometry(n, k, s)
@@ -207,5 +210,6 @@ class DeformableAttention(nnx.Module):
       bias = jnp.pad(bias, ((0, 0), (0, 0), (p, 0), (p, 0)))
     out = layers.attend(heads(q), heads(self.k(kv_in)), heads(self.v(kv_in)),
                         bias=bias, dropout_rate=self.attention_dropout,
-                        key=key, deterministic=deterministic)
+                        key=key, deterministic=deterministic,
+                        impl=self.attention_impl)
     return self.out(out.reshape(b, n, -1))

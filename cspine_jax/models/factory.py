@@ -20,6 +20,7 @@ from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax.models import cnn25d
 from cspine_jax.models import cnn3d
+from cspine_jax.models import layers
 from cspine_jax.models import segmenter
 from cspine_jax.models import vertebra
 from cspine_jax.models import vit3d
@@ -90,6 +91,16 @@ def crop_shape(config) -> tuple[int, ...]:
   return tuple(int(v) for v in shape)
 
 
+def _check_attention_impl(model: dict) -> None:
+  """``model.attention_impl`` (ViT backbones; layers.ATTENTION_IMPLS), named when it is bad."""
+  impl = model.get('attention_impl', 'xla')
+  if impl not in layers.ATTENTION_IMPLS:
+    raise ConfigError(f'config.model.attention_impl={impl!r}: expected one of '
+                      f'{layers.ATTENTION_IMPLS} (xla: jax.nn.dot_product_attention\'s XLA path; '
+                      'cudnn: its cuDNN flash attention on GPUs, bf16/fp16; einsum: the plain '
+                      'two-einsum attention)')
+
+
 def check(config) -> Task:
   """The task of ``config``, after checking that the model, data and loss keys agree."""
   task = task_of(config)
@@ -100,6 +111,7 @@ def check(config) -> Task:
   if name not in task.backbones:
     raise ConfigError(f'config.model.mode={task.mode!r} needs config.model.name in '
                       f'{task.backbones}, not {name!r}')
+  _check_attention_impl(model)
   crop_mode = config.data.get('crop_mode', 'region')
   if crop_mode != task.crop_mode:
     raise ConfigError(f'config.model.mode={task.mode!r} reads {task.crop_mode!r} crops, but '
@@ -126,6 +138,7 @@ def build_backbone(model_config, rngs: nnx.Rngs | int) -> nnx.Module:
   name = cfg.pop('name', 'vit3d')
   if name not in MODELS:
     raise ConfigError(f'config.model.name={name!r}: expected one of {sorted(MODELS)}')
+  _check_attention_impl(cfg)
   if isinstance(rngs, int):
     rngs = nnx.Rngs(params=rngs)
   for k in ('input_shape', 'patch_size', 'deformable_layers', 'widths', 'blocks', 'conv_stem'):

@@ -131,17 +131,47 @@ class PatchEmbed(nnx.Module):
     return x
 
 
+# config.model.attention_impl: how `attend` computes softmax(q k^T / sqrt(d) + bias) v.
+#   'xla'     jax.nn.dot_product_attention's XLA path (logits in float32 from bf16 operands).
+#   'cudnn'   its cuDNN flash attention: no (B, H, N, N) logits in memory. Needs a GPU and a
+#             bf16/fp16 compute dtype; elsewhere (CPU, TPU, float32) and with a bias (the
+#             deformable layers' relative-position bias: cuDNN wants even sequence lengths
+#             to train a bias, and 1 + tokens is odd) the XLA path is used instead.
+#   'einsum'  two einsums and a float32 softmax, the code before dot_product_attention.
+# Attention dropout, when it is active (training with a rate > 0), always takes the einsum
+# path: dot_product_attention has no dropout on its attention weights.
+ATTENTION_IMPLS = ('xla', 'cudnn', 'einsum')
+
+
+def attention_path(impl: str, dtype, *, has_bias: bool, dropout_active: bool) -> str:
+  """The path `attend` takes for ``impl`` ('xla', 'cudnn' or 'einsum'); see ATTENTION_IMPLS."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}')
+  if dropout_active:
+    return 'einsum'
+  if impl == 'cudnn' and (has_bias or jax.default_backend() != 'gpu' or
+                          jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)):
+    return 'xla'
+  return impl
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *,
            bias: jax.Array | None = None, dropout_rate: float = 0.0,
            key: jax.Array | None = None,
-           deterministic: bool = True) -> jax.Array:
+           deterministic: bool = True, impl: str = 'xla') -> jax.Array:
   """Scaled dot-product attention, (B, Nq, H, D) x (B, Nk, H, D).
 
   Softmax in float32 whatever the compute dtype (bf16 logits lose the small
   differences that matter after exponentiation). `bias` is added to the
-  logits, shape broadcastable to (B, H, Nq, Nk).
+  logits, shape broadcastable to (B, H, Nq, Nk). `impl`: ATTENTION_IMPLS.
   """
   dtype = q.dtype
+  path = attention_path(impl, dtype, has_bias=bias is not None,
+                        dropout_active=not deterministic and dropout_rate > 0)
+  if path != 'einsum':
+    if bias is not None:
+      bias = bias.astype(jnp.float32)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=path)
   q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
   if bias is not None:
@@ -160,10 +190,12 @@ class Attention(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, head_dim: int, *,
                qkv_bias: bool, attention_dropout: float, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, attention_impl: str = 'xla'):
+    attention_path(attention_impl, dtype, has_bias=False, dropout_active=False)  # fails early
     self.num_heads = num_heads
     self.head_dim = head_dim
     self.attention_dropout = attention_dropout
+    self.attention_impl = attention_impl
     inner = num_heads * head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=DENSE_INIT,
               rngs=rngs)
@@ -176,7 +208,7 @@ class Attention(nnx.Module):
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
     out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
                  dropout_rate=self.attention_dropout, key=key,
-                 deterministic=deterministic)
+                 deterministic=deterministic, impl=self.attention_impl)
     return self.out(out.reshape(b, n, -1))
 
 

@@ -70,21 +70,22 @@ class Block(nnx.Module):
                mlp_dim: int, attention: str, dropout: float,
                attention_dropout: float, qkv_bias: bool, norm_epsilon: float,
                gelu_approximate: bool, grid: Sequence[int], num_prefix: int,
-               deformable_kwargs: dict[str, Any], dtype, param_dtype,
-               rngs: nnx.Rngs):
+               deformable_kwargs: dict[str, Any], attention_impl: str, dtype,
+               param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dropout = dropout
     self.norm1 = nnx.LayerNorm(width, epsilon=norm_epsilon, **kw)
     if attention == 'full':
       self.attn = layers.Attention(width, num_heads, head_dim,
                                    qkv_bias=qkv_bias,
-                                   attention_dropout=attention_dropout, **kw)
+                                   attention_dropout=attention_dropout,
+                                   attention_impl=attention_impl, **kw)
     elif attention == 'deformable':
       self.attn = deformable.DeformableAttention(
           width, num_heads, head_dim, grid=grid, num_prefix=num_prefix,
           qkv_bias=qkv_bias, attention_dropout=attention_dropout,
           norm_epsilon=norm_epsilon, gelu_approximate=gelu_approximate,
-          **deformable_kwargs, **kw)
+          attention_impl=attention_impl, **deformable_kwargs, **kw)
     else:
       raise ValueError(f'attention {attention!r} not in {ATTENTION_KINDS}')
     self.norm2 = nnx.LayerNorm(width, epsilon=norm_epsilon, **kw)
@@ -244,6 +245,7 @@ class ViT3D(nnx.Module):
       head_zero_init: bool = True,
       head_bias_init: str = 'prior',
       attention: str = 'full',
+      attention_impl: str = 'xla',
       deformable_layers: Sequence[int] | None = None,
       deformable: dict[str, Any] | None = None,
       dtype: str | Any = 'float32',
@@ -306,7 +308,8 @@ class ViT3D(nnx.Module):
         qkv_bias=qkv_bias, norm_epsilon=norm_epsilon,
         gelu_approximate=gelu_approximate, grid=self.grid,
         num_prefix=self.num_prefix,
-        deformable_kwargs=dict(deformable or {}), dtype=self.dtype,
+        deformable_kwargs=dict(deformable or {}),
+        attention_impl=attention_impl, dtype=self.dtype,
         param_dtype=param_dtype)
     # Final norm and heads in float32: cheap, and they feed a log loss.
     self.final_norm = nnx.LayerNorm(width, epsilon=norm_epsilon,
