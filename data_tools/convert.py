@@ -40,6 +40,7 @@ from tqdm import tqdm
 from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax.data import kaggle
+from cspine_jax.data import levels
 from cspine_jax.data import store
 from data_tools import dicom
 from data_tools import nifti
@@ -236,6 +237,8 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
       record['vertebra_boxes'] = store.vertebra_boxes(mask)
     else:
       store.remove_array(out, store.SEGMENTATIONS, uid)  # a mask an earlier run kept
+    # The derived levels (cspine_jax/data/levels.py) before the volume, which goes last.
+    record['levels'] = levels.write(out, uid, series.hu, series.spacing, attrs)
     store.put_array(out, store.VOLUMES, uid, series.hu, attrs)
   except dicom.StudyError as e:
     record = _failed(record, str(e))
@@ -250,7 +253,7 @@ def _failed(record: dict, message: str) -> dict:
 
 
 def _remove_outputs(out: str, uid: str) -> None:
-  for kind in (store.VOLUMES, store.SEGMENTATIONS):
+  for kind in (store.VOLUMES, store.SEGMENTATIONS, *store.VOLUME_LEVELS):
     store.remove_array(out, kind, uid)
 
 
@@ -301,7 +304,8 @@ def _done(out: str, record: dict | None) -> bool:
   if not record or record.get('status') != 'ok':
     return False
   uid = record['uid']
-  need = [store.VOLUMES] + ([store.SEGMENTATIONS] if record.get('has_segmentation') else [])
+  need = ([store.VOLUMES] + ([store.SEGMENTATIONS] if record.get('has_segmentation') else [])
+          + list(record.get('levels', [])))
   return all(store.array_exists(out, kind, uid) for kind in need)
 
 
@@ -334,7 +338,8 @@ def run(input_root: str, out: str, workers: int, progress: bool = True) -> list[
 
 def _run_locked(jobs: list[dict], labels: dict, boxes: dict, out: str, workers: int,
                 progress: bool) -> list[dict]:
-  store.clean_temporaries(out, (store.VOLUMES, store.SEGMENTATIONS, STATE_DIR))
+  store.clean_temporaries(out, (store.VOLUMES, store.SEGMENTATIONS, *store.VOLUME_LEVELS,
+                                STATE_DIR))
   job_records = store.JobRecords(out, STATE_DIR)
   records, todo = {}, []
   for job in jobs:

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 
 from cspine_jax import constants
+from cspine_jax.data import levels
 from cspine_jax.data import store
 from data_tools import convert
 from data_tools import dicom
@@ -233,13 +234,27 @@ def test_kill_minus_nine_then_resume_equals_clean_run(dataset, converted, tmp_pa
   with open(os.path.join(out, store.MANIFEST)) as f, \
        open(os.path.join(clean_out, store.MANIFEST)) as g:
     assert f.read() == g.read()
-  for sub in ('volumes', 'segmentations'):
+  for sub in ('volumes', 'segmentations', *store.VOLUME_LEVELS):
     assert sorted(os.listdir(os.path.join(out, sub))) == sorted(
         os.listdir(os.path.join(clean_out, sub)))
     for study in studies:
       np.testing.assert_array_equal(
           store.read_array(os.path.join(out, sub, study.uid)),
           store.read_array(os.path.join(clean_out, sub, study.uid)))
+
+
+def test_levels_are_written_beside_every_volume(converted):
+  out, records = converted
+  for uid, record in records.items():
+    assert record['levels'] == list(store.VOLUME_LEVELS)
+    volume = store.read_array(store.array_path(out, store.VOLUMES, uid))
+    expected = levels.build(volume, record['spacing_mm'])
+    for kind, level_mm in store.VOLUME_LEVELS.items():
+      path = store.array_path(out, kind, uid)
+      np.testing.assert_array_equal(store.read_array(path), expected[kind])
+      attrs = store.read_attributes(path)
+      assert attrs['spacing_mm'] == [level_mm] * 3 and attrs['origin'] == record['origin']
+      assert attrs['direction'] == record['direction']
 
 
 def test_a_second_command_on_the_same_output_is_refused(dataset, tmp_path):

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from cspine_jax import constants
+from cspine_jax.data import levels
 from cspine_jax.data import store
 
 STANDARD_DIRECTION = ((0.0, 0.0, -1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))  # head-first axial
@@ -51,8 +52,12 @@ def synthetic_spine(shape: Sequence[int], rng: np.random.Generator, noise_hu: fl
 def write_study(root: str, uid: str, volume: np.ndarray, *, spacing_mm=(1.0, 1.0, 1.0),
                 segmentation: np.ndarray | None = None, labels=None, split: str = 'train',
                 direction=STANDARD_DIRECTION, origin=(0.0, 0.0, 0.0), status: str = 'ok',
-                **extra) -> dict:
-  """Writes one study's arrays under ``root`` and returns its manifest record."""
+                with_levels: bool = True, **extra) -> dict:
+  """Writes one study's arrays under ``root`` and returns its manifest record.
+
+  ``with_levels``: also the derived levels, as the converter writes them (False: a dataset
+  converted before levels existed).
+  """
   geometry = {'spacing_mm': [float(v) for v in spacing_mm], 'origin': [float(v) for v in origin],
               'direction': [[float(v) for v in r] for r in direction]}
   record = {'uid': uid, 'split': split, 'status': status, 'warnings': [],
@@ -67,6 +72,8 @@ def write_study(root: str, uid: str, volume: np.ndarray, *, spacing_mm=(1.0, 1.0
       store.write_array(store.array_path(root, store.SEGMENTATIONS, uid),
                         segmentation.astype(np.uint8), geometry)
       record['vertebra_boxes'] = store.vertebra_boxes(segmentation)
+    if with_levels:
+      record['levels'] = levels.write(root, uid, volume.astype(np.int16), spacing_mm, geometry)
   record.update(extra)
   return record
 

@@ -97,11 +97,17 @@ def box_extent_mm(box, a_mm: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class CropMap:
-  """i = matrix @ o + offset, for output indices o of ``shape``; ``pool`` are antialias factors."""
+  """i = matrix @ o + offset, for output indices o of ``shape``; ``pool`` are antialias factors.
+
+  ``step``: input voxels per output voxel along each input axis, of the unrotated map (pool is
+  its integer part); None without antialiasing. Kept so that the map can be moved onto a coarser
+  grid (``rescale``) with the pool that grid needs.
+  """
   matrix: np.ndarray
   offset: np.ndarray
   shape: tuple[int, int, int]
   pool: tuple[int, int, int]
+  step: tuple[float, float, float] | None = None
 
 
 def crop_map(center_index, a_mm: np.ndarray, shape: Sequence[int], spacing_mm,
@@ -117,12 +123,25 @@ def crop_map(center_index, a_mm: np.ndarray, shape: Sequence[int], spacing_mm,
   matrix = a_mm @ lin
   offset = (np.asarray(center_index, float) + a_mm @ np.asarray(augment.jitter_mm, float)
             - matrix @ ((n - 1.0) / 2.0))
-  pool = (1, 1, 1)
+  pool, step = (1, 1, 1), None
   if antialias:
     # Factor per input axis from the unrotated map: small rotations barely change bandwidth.
-    f = np.floor(np.abs(a_mm @ np.diag(s_out)).max(1) + 1e-6).astype(int)
-    pool = tuple(int(v) for v in np.maximum(f, 1))
-  return CropMap(matrix, offset, tuple(int(v) for v in shape), pool)
+    step = tuple(float(v) for v in np.abs(a_mm @ np.diag(s_out)).max(1))
+    pool = _pool_of(step)
+  return CropMap(matrix, offset, tuple(int(v) for v in shape), pool, step)
+
+
+def _pool_of(step) -> tuple[int, int, int]:
+  return tuple(int(v) for v in np.maximum(np.floor(np.asarray(step) + 1e-6), 1))
+
+
+def rescale(cmap: CropMap, scale) -> CropMap:
+  """The same crop on a grid whose index is ``scale`` (per axis) times this one's, with the pool
+  that grid needs: a derived level (cspine_jax/data/levels.py), whose index 0 is this grid's."""
+  f = np.asarray(scale, float)
+  step = None if cmap.step is None else tuple(float(v) for v in np.asarray(cmap.step) * f)
+  return CropMap(f[:, None] * cmap.matrix, f * cmap.offset, cmap.shape,
+                 (1, 1, 1) if step is None else _pool_of(step), step)
 
 
 def region_box(study_boxes: dict, names=None):
