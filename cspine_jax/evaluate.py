@@ -13,6 +13,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from cspine_jax import device_crop
 from cspine_jax import metrics as metrics_lib
 from cspine_jax import parallel
 from cspine_jax import seg_metrics
@@ -36,7 +37,7 @@ def evaluate(config, predict: ImagesFn, mesh, split: str = 'eval', uids=None) ->
   try:
     for batch in it:
       g = pipeline.to_global(batch, sharding)
-      probs = parallel.host_value(predict(g['image']))
+      probs = parallel.host_value(predict(device_crop.images(config, g)))
       mask = parallel.host_value(g['mask']).astype(bool)
       labels = parallel.host_value(g['labels'])
       labelled = parallel.host_value(g['labelled']).astype(bool) if 'labelled' in g else mask
@@ -66,7 +67,7 @@ def evaluate_segmentation(config, segment: ImagesFn, mesh, split: str = 'eval',
   try:
     for batch in it:
       g = pipeline.to_global(batch, sharding)
-      pred = parallel.host_value(segment(g['image']))
+      pred = parallel.host_value(segment(device_crop.images(config, g)))
       true = parallel.host_value(g['segmentation'])
       keep = parallel.host_value(g['mask']).astype(bool) & parallel.host_value(
           g['has_segmentation']).astype(bool)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cspine_jax import device_crop
 from cspine_jax import losses
 from cspine_jax.models import factory
 
@@ -145,6 +146,8 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
   smoothing = float(config.get('label_smoothing', 0.0))
   mix_alpha = float(config.get('mixup_alpha', 0.0))
   feature_weight = float(distill.get('feature_weight', 0.0)) if use_distill else 0.0
+  # data.crop_on='device': the batch holds level blocks, made into images here, on the device.
+  make_images = device_crop.for_config(config)
 
   def counts(batch):
     """(examples, crops) that the loss terms average over: the weights of micro-batches."""
@@ -207,6 +210,8 @@ def make_train_step(config, graphdef: nnx.GraphDef, teacher: Callable | None = N
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
 
   def train_step(state: TrainState, batch: dict, teacher_params=None):
+    if make_images is not None:
+      batch = make_images(batch)
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if accum == 1:
       (loss, (aux, rest)), grads = grad_fn(state.params, state.rest, batch, key, teacher_params)

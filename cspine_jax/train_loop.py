@@ -26,8 +26,11 @@ from cspine_jax import evaluate
 from cspine_jax import parallel
 from cspine_jax import restore
 from cspine_jax import train_lib
+from cspine_jax.data import config as data_config
+from cspine_jax.data import device_blocks
 from cspine_jax.data import manifest
 from cspine_jax.data import pipeline
+from cspine_jax.data import transforms
 from cspine_jax.data import store
 from cspine_jax.models import factory
 
@@ -56,6 +59,7 @@ def validate_config(config) -> None:
   _check_ranges(config)
   task = factory.check(config)  # model name, mode, crop mode, crop shape and loss agree
   _check_shapes(config, task)
+  _check_crop_on(config)
   root = config.data.get('root', '')
   if not root:
     raise ConfigError('config.data.root is empty: set it to a folder written by '
@@ -106,6 +110,10 @@ def check_data(config, task) -> bool:
     held_out = pipeline.split_studies(config, 'eval')
   except ValueError as e:  # e.g. a fold outside [0, num_folds)
     raise ConfigError(f'config.data.fold / num_folds: {e}') from None
+  try:
+    pipeline.check_levels(config, train + held_out)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if task.segmentation:
     held_out = [s for s in held_out if s.has_segmentation]
   if not train:
@@ -131,14 +139,15 @@ def check_data(config, task) -> bool:
 RESUMABLE_KEYS = frozenset({
     'total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
     'keep_latest_checkpoints', 'keep_best_checkpoints', 'data.root', 'data.num_threads',
-    'data.num_workers', 'data.prefetch', 'data.cache_mb', 'distill.teacher_workdir'})
+    'data.num_workers', 'data.prefetch', 'data.cache_mb', 'data.device_prefetch',
+    'data.levels', 'distill.teacher_workdir'})
 
 
 # Keys that configs gained after workdirs were written without them, with the value the code
 # used when they were absent: an older workdir resumes unless one of them is really changed.
 ADDED_KEYS = {'keep_latest_checkpoints': 2, 'keep_best_checkpoints': 1, 'grad_accum_steps': 1,
               'ema_decay': 0.0, 'param_sharding': 'replicate', 'dice_weight': 1.0,
-              'token_loss_weight': 0.0}
+              'token_loss_weight': 0.0, 'data.crop_on': 'host'}
 
 
 def _flat(tree, prefix=''):
@@ -226,6 +235,19 @@ def _check_ranges(config) -> None:
       good = False
     if not good:
       raise ConfigError(f'config.{key}={value!r}: must be {what}')
+
+
+def _check_crop_on(config) -> None:
+  """data.crop_on: a known value, and 'device' only where device crops serve the config."""
+  data = data_config.resolve(config)
+  if data.crop_on not in transforms.CROP_ON:
+    raise ConfigError(f'config.data.crop_on={data.crop_on!r}: expected one of '
+                      f'{transforms.CROP_ON}')
+  if data.crop_on == 'device':
+    try:
+      device_blocks.check_config(data)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
 
 def _check_shapes(config, task) -> None:
@@ -360,7 +382,10 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
       ema=parallel.param_sharding(mesh, abstract_state.ema, sharding_mode),
       step=replicated, rest=jax.tree.map(lambda _: replicated, abstract_state.rest),
       rng=replicated)
-  train_iter, num_train = pipeline.make_train_iterator(config)
+  batch_sharding = parallel.batch_sharding(mesh)
+  host_iter, num_train = pipeline.make_train_iterator(config)
+  train_iter = pipeline.DevicePrefetch(host_iter, batch_sharding,
+                                       int(config.data.get('device_prefetch', 2)))
   mngr = checkpoint.manager(workdir, config)
   if not mngr.all_steps():
     # Born sharded: each device computes only its own shards of the initial state.
@@ -376,7 +401,6 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
   writer = MetricWriter(workdir, start if start else None)
   teacher, teacher_weights = _make_teacher(config, mesh)
   step_fn = train_lib.make_train_step(config, graphdef, teacher)
-  batch_sharding = parallel.batch_sharding(mesh)
   p_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sharding, None))
   # Built once: every periodic evaluation reuses this compiled function.
   p_apply = jax.jit(restore.make_apply(graphdef, 'labels' if task.segmentation else 'probs'))
@@ -403,9 +427,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
           'config.optimizer.grad_clip_norm.')
 
   for step in range(start + 1, config.total_steps + 1):
-    batch = pipeline.to_global(next(train_iter), batch_sharding)
-    batch = {k: v for k, v in batch.items() if isinstance(v, jax.Array)}
-    state, m = p_step(state, batch, teacher_weights)
+    state, m = p_step(state, next(train_iter), teacher_weights)
     first_bad = _first_bad_step(first_bad, m.pop('finite'), step)
     if bar:
       bar.update(1)
@@ -445,8 +467,6 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
-  close = getattr(train_iter, 'close', None)
-  if close:
-    close()
+  train_iter.close()
   jax.effects_barrier()
   return last

@@ -375,8 +375,12 @@ def test_a_workdir_written_before_the_added_keys_still_resumes(base_run, tmp_pat
   root, workdir = _copy(base_run, tmp_path)
   path = os.path.join(workdir, 'config.json')
   saved = json.load(open(path))
-  for key in train_loop.ADDED_KEYS:
-    del saved[key]
+  for key in train_loop.ADDED_KEYS:  # dotted keys are nested ('data.crop_on')
+    *parents, last = key.split('.')
+    node = saved
+    for part in parents:
+      node = node[part]
+    del node[last]
   with open(path, 'w') as f:
     json.dump(saved, f)
   proc = _run(*_train_args(root, workdir, '--config.total_steps=5', '--config.eval_every_steps=0',

@@ -59,6 +59,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.canonical_orientation = True  # Resample into (inferior, posterior, left) axes via `direction`.
   c.antialias = True  # Box-filter by the integer part of the downsampling factor before interp.
   c.pad_hu = -1024.0  # Value outside the scanned volume (air).
+  # Read crops from the converter's derived levels (isotropic 1 and 2 mm copies of each volume,
+  # cspine_jax/data/levels.py) when one is fine enough for the crop: ~10x fewer voxels to read
+  # and filter than the full-resolution volume, which False always reads (the reference path).
+  c.levels = True
+  # Where region crops are resampled and augmented: 'host' (numpy/scipy in the input threads,
+  # the float32 crop is shipped) or 'device' (the host ships a fixed-shape int16 block of the
+  # 1 mm level plus the crop's affine and intensity draws; the jitted step samples, augments and
+  # windows it: cspine_jax/device_crop.py). 'device' is for accelerators, where the host's cores
+  # cannot feed the step otherwise; crop_mode='region' without with_segmentation only.
+  c.crop_on = 'host'
   # Region mode: also crop the label mask (true, else predicted; nearest neighbour) through the
   # same map as "segmentation" (z, y, x) uint8, for localizer / segmentation training.
   c.with_segmentation = False
@@ -96,6 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_threads = 4  # Reader threads per process (TensorStore and scipy release the GIL).
   c.num_workers = 0  # >0: Grain `mp_prefetch` spawn workers, each with num_threads threads.
   c.prefetch = 2  # Local batches buffered ahead (per worker with num_workers > 0).
+  # Global batches copied to the devices ahead of the step (pipeline.DevicePrefetch): 2 = the
+  # transfer of the next batch overlaps the current step.
+  c.device_prefetch = 2
   # TensorStore decoded-chunk cache per process (all threads). It pays off where crops overlap
   # (the seven vertebra crops of a study); random training over thousands of studies rarely
   # hits it, so it need not be large. Peak RSS ~ imports (~200 MB) + cache + num_threads x one

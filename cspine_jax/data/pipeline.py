@@ -13,6 +13,8 @@ seeded from (seed, transform, g), so an element never depends on threads, worker
 """
 from __future__ import annotations
 
+import collections
+import json
 import sys
 from typing import Any, Sequence
 
@@ -22,7 +24,10 @@ import grain
 import jax
 import numpy as np
 
+from cspine_jax import cli
 from cspine_jax.data import config as data_config
+from cspine_jax.data import device_blocks
+from cspine_jax.data import levels
 from cspine_jax.data import manifest as manifest_lib
 from cspine_jax.data import sources
 from cspine_jax.data import transforms
@@ -129,6 +134,32 @@ def split_studies(config, which: str) -> list:
   return _studies(_data_config(config), which)
 
 
+_WARNED_LEVELS: set[str] = set()  # roots whose missing levels were reported
+
+
+def check_levels(config, studies) -> None:
+  """Device crops need every study's 1 mm level (ValueError naming the upgrade command); host
+  crops without levels read the full-resolution volume, slower (one warning per dataset)."""
+  cfg = _data_config(config)
+  device = cfg.crop_on == 'device'
+  if not (device or cfg.levels):
+    return
+  need = device_blocks.DEVICE_LEVEL
+  missing = [s for s in studies if (need not in s.levels if device else not s.levels)]
+  if not missing:
+    return
+  command = levels.UPGRADE_COMMAND.format(root=cfg.root)
+  what = (f'{len(missing)} of {len(studies)} studies of {cfg.root} have no derived levels (e.g. '
+          f'{missing[0].uid}: converted before they existed)')
+  if device:
+    raise ValueError(f"config.data.crop_on='device' crops the {need} level, but {what}; add "
+                     f'them with: {command}')
+  if cfg.root not in _WARNED_LEVELS:
+    _WARNED_LEVELS.add(cfg.root)
+    cli.warn(f'{what}: their crops read the full-resolution volume, several times slower; add '
+             f'the levels with: {command}')
+
+
 def make_reader(cfg) -> sources.VolumeReader:
   """One reader per pipeline; TensorStore's decode threads capped at num_threads so that the
   pipeline uses the cores it is given, not every core of the host."""
@@ -143,6 +174,7 @@ def train_elements(config, process_index: int, process_count: int, *, studies=No
   studies = _studies(cfg, 'train') if studies is None else list(studies)
   if not studies:
     raise ValueError(f'no training studies in {cfg.root} (fold={cfg.fold})')
+  check_levels(cfg, studies)
   reader = reader or make_reader(cfg)
   ds = grain.MapDataset.source(sources.StudySource(studies)).seed(int(cfg.seed))
   if cfg.shuffle:
@@ -186,6 +218,7 @@ def eval_elements(config, process_index: int, process_count: int, *, split: str 
   """This process's eval elements: every study once, padded to whole global batches."""
   cfg = _data_config(config)
   studies = _studies(cfg, split, uids) if studies is None else list(studies)
+  check_levels(cfg, studies)
   reader = reader or make_reader(cfg)
   batch = int(cfg.eval_batch_size)
   padded = -(-len(studies) // batch) * batch
@@ -227,3 +260,53 @@ def to_global(batch: dict[str, Any], sharding) -> dict[str, Any]:
     else:
       out[key] = value
   return out
+
+
+class DevicePrefetch:
+  """Global batches put on the devices ``size`` steps ahead (double-buffered ``device_put``).
+
+  ``next`` hands out batch s while batches s+1.. are already being transferred, so the step
+  never waits for the host-to-device copy. Checkpointable like the iterator it wraps (Grain's
+  checkpoint handler calls ``get_state``/``set_state``; the file is the same JSON): the state is
+  the wrapped iterator's *before the oldest batch not yet handed out*, so a restore replays
+  exactly the batches no step has taken. Only array fields are kept (uids stay on the host).
+  """
+
+  def __init__(self, iterator, sharding, size: int = 2):
+    self._it = iterator
+    self._sharding = sharding
+    self._size = max(1, int(size))
+    self._queue = collections.deque()  # (state before the batch, global batch)
+
+  def __iter__(self):
+    return self
+
+  def _fill(self):
+    state = self._it.get_state()
+    batch = to_global(next(self._it), self._sharding)  # dispatches the copies, returns at once
+    self._queue.append((state, {k: v for k, v in batch.items() if isinstance(v, jax.Array)}))
+
+  def __next__(self) -> dict:
+    while len(self._queue) < self._size:
+      self._fill()
+    return self._queue.popleft()[1]
+
+  def get_state(self) -> bytes:
+    state = self._queue[0][0] if self._queue else self._it.get_state()
+    return json.dumps(state, indent=4).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._queue.clear()
+    self._it.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:
+    """Grain's checkpoint handler calls this after ``set_state``."""
+    start = getattr(self._it, 'start_prefetch', None)
+    if start:
+      start()
+
+  def close(self):
+    self._queue.clear()
+    close = getattr(self._it, 'close', None)
+    if close:
+      close()

@@ -13,6 +13,11 @@ Element flow (dict keys):
   Intensity   same, HU jittered (training only)
   HUWindows   "image" -> f32 (..., C) in [0, 1], one channel per (center, width) window
 
+With data.crop_on='device' (region crops for accelerators) the crop transform yields instead
+{"block": i16 (Bz,By,Bx) of the 1 mm level, "affine": f32 (3, 4) output index -> block index},
+Intensity adds its draws as {"intensity": f32 [scale, shift, sigma], "noise_seed": u32}, and
+HUWindows passes it on: the jitted step makes the image (cspine_jax/device_crop.py).
+
 Random transforms draw everything from the ``rng`` Grain hands them, which Grain derives from
 (pipeline seed, transform position, element index): an element's crop depends on nothing else.
 Padding records (``study is None``) become all-zero elements without any read.
@@ -23,7 +28,9 @@ import numpy as np
 import grain
 
 from cspine_jax import constants
+from cspine_jax.data import device_blocks
 from cspine_jax.data import geometry
+from cspine_jax.data import levels
 from cspine_jax.data import sources
 from cspine_jax.data import store
 
@@ -31,6 +38,8 @@ NUM_VERTEBRAE = len(constants.VERTEBRAE)
 # config.data.crop_mode values (_Crop): one crop of the cervical spine, seven per-vertebra crops,
 # or the whole volume on a coarse grid (the localizer).
 CROP_MODES = ('region', 'vertebrae', 'volume')
+# config.data.crop_on values: region crops made here, or blocks that the step crops.
+CROP_ON = ('host', 'device')
 
 
 def _augment(cfg, rng) -> geometry.Augment:
@@ -41,6 +50,13 @@ def _augment(cfg, rng) -> geometry.Augment:
 
 def _augment_on(cfg, rng) -> bool:
   return rng is not None and bool(cfg.augment.enabled)
+
+
+def _sample_image(reader: sources.VolumeReader, study, cmap: geometry.CropMap, cfg) -> np.ndarray:
+  """The HU crop of ``cmap``: from the coarsest derived level fine enough for it (levels.py),
+  or the full-resolution volume (``data.levels=False``, or a dataset without levels)."""
+  return levels.sample(lambda kind: reader.reader_for(kind, study.uid), study, cmap, cfg.pad_hu,
+                       use_levels=bool(cfg.levels))
 
 
 def _targets(study) -> dict:
@@ -98,8 +114,7 @@ def make_volume_crop(reader: sources.VolumeReader, study, cfg, rng=None):
   """
   aug = _augment(cfg, rng) if _augment_on(cfg, rng) else geometry.Augment()
   cmap = volume_crop_map(study.shape, study.spacing_mm, study.direction, cfg, aug)
-  image = geometry.resample(reader.reader_for(store.VOLUMES, study.uid), study.shape, cmap,
-                            cfg.pad_hu)
+  image = _sample_image(reader, study, cmap, cfg)
   if not study.has_segmentation:
     return image, np.zeros(cmap.shape, np.uint8)
   seg = geometry.resample(reader.reader_for(store.SEGMENTATIONS, study.uid), study.shape,
@@ -139,8 +154,7 @@ def make_region_crop(reader: sources.VolumeReader, study, cfg, rng=None,
   """
   aug = _augment(cfg, rng) if _augment_on(cfg, rng) else geometry.Augment()
   cmap, _ = region_crop_map(study, cfg, aug)
-  image = geometry.resample(reader.reader_for(store.VOLUMES, study.uid), study.shape, cmap,
-                            cfg.pad_hu)
+  image = _sample_image(reader, study, cmap, cfg)
   if not with_segmentation:
     return image
   kind = study.segmentation_kind
@@ -183,10 +197,9 @@ def make_vertebra_crops(reader: sources.VolumeReader, study, cfg, rng=None):
   maps = vertebra_crop_maps(study, cfg, augments, _training_boxes(study, cfg, rng))
   out = np.zeros((NUM_VERTEBRAE,) + shape, np.float32)
   present = np.zeros(NUM_VERTEBRAE, bool)
-  read = reader.reader_for(store.VOLUMES, study.uid)
   for v, cmap in enumerate(maps):
     if cmap is not None:
-      out[v] = geometry.resample(read, study.shape, cmap, cfg.pad_hu)
+      out[v] = _sample_image(reader, study, cmap, cfg)
       present[v] = True
   return out, present
 
@@ -206,6 +219,12 @@ class _Crop:
     if cfg.crop_mode not in crops:
       raise ValueError(f'config.data.crop_mode={cfg.crop_mode!r}: expected one of {CROP_MODES}')
     self._crop = crops[cfg.crop_mode]
+    if cfg.crop_on not in CROP_ON:
+      raise ValueError(f'config.data.crop_on={cfg.crop_on!r}: expected one of {CROP_ON}')
+    if cfg.crop_on == 'device':
+      device_blocks.check_config(cfg)
+      self._block_shape = device_blocks.block_shape(cfg)
+      self._crop = self._region_block
     if cfg.fallback != 'center':
       raise ValueError(f'fallback={cfg.fallback!r}: only "center" exists (see data/config.py)')
 
@@ -215,6 +234,18 @@ class _Crop:
     out['mask'] = np.bool_(element['mask'])
     out.update(self._crop(study, rng))
     return out
+
+  def _region_block(self, study, rng) -> dict:
+    """crop_on='device': the block and affine of the region crop (device_blocks.py)."""
+    if study is None:
+      return {'block': np.zeros(self._block_shape, np.int16),
+              'affine': np.zeros((3, 4), np.float32)}
+    aug = _augment(self._cfg, rng) if _augment_on(self._cfg, rng) else geometry.Augment()
+    cmap, _ = region_crop_map(study, self._cfg, aug)
+    read = self._reader.reader_for(device_blocks.DEVICE_LEVEL, study.uid)
+    block, affine = device_blocks.region_block(read, study, cmap, self._block_shape,
+                                               self._cfg.pad_hu)
+    return {'block': block, 'affine': affine}
 
   def _vertebrae(self, study, rng) -> dict:
     if study is None:
@@ -272,6 +303,13 @@ class RandomIntensity(grain.transforms.RandomMap):
     aug = self._aug
     u = rng.uniform(-1.0, 1.0, size=2)
     sigma = rng.uniform(0.0, aug.noise_hu)
+    if 'block' in element:  # crop_on='device': the step applies the draws (device_crop.py)
+      on = bool(element['mask']) and aug.enabled
+      element['intensity'] = np.array(
+          [1.0 + u[0] * aug.intensity_scale, u[1] * aug.intensity_shift_hu, sigma] if on
+          else [1.0, 0.0, 0.0], np.float32)
+      element['noise_seed'] = np.uint32(rng.integers(0, 2**32))
+      return element
     if not element['mask'] or not aug.enabled:
       return element
     image = element['image']
@@ -301,6 +339,8 @@ class HUWindows(grain.transforms.Map):
     self._windows = tuple(tuple(float(v) for v in w) for w in cfg.windows)
 
   def map(self, element):
+    if 'block' in element:  # crop_on='device': windows are applied in the step
+      return element
     image = element['image']
     if element['mask']:
       element['image'] = apply_windows(image, self._windows)
