@@ -38,8 +38,10 @@ from cspine_jax.data import store
 # Data for the benchmark.
 
 
-def _synthetic_root(bench_dir, studies, shape, spacing) -> str:
-  tag = f'synthetic_{studies}x' + 'x'.join(str(int(v)) for v in shape)
+def synthetic_root(bench_dir, studies, shape, spacing) -> str:
+  """A converted dataset of synthetic CT-sized studies (with derived levels), written once."""
+  tag = f'synthetic_{studies}x' + 'x'.join(str(int(v)) for v in shape) + '_levels'
+
   root = os.path.join(bench_dir, tag)
   if not os.path.exists(store.manifest_path(root)):
     logging.info('writing synthetic dataset %s', root)
@@ -97,7 +99,7 @@ def _timed(it, batches, warmup) -> dict:
   for _ in range(batches):
     b = next(it)
   return {'seconds': time.perf_counter() - t, 'cpu_seconds': _tree_cpu_seconds() - cpu,
-          'shape': list(b['image'].shape)}
+          'shape': list(b['image' if 'image' in b else 'block'].shape)}
 
 
 def _run_ours(cfg_dict, batches, warmup, queue):
@@ -245,12 +247,13 @@ def _rates(result, batch_size, batches) -> dict:
 def bench_pipeline(config, *, batches: int = 12, warmup: int = 2, workers: int | None = None,
                    batch_size: int | None = None, cache_mb: int | None = None, repeats: int = 1,
                    compare_monai: bool = False, monai_formats=('nii.gz', 'nii'),
+                   compare_paths: bool = False,
                    bench_dir: str = '/tmp/cspine_bench', bench_studies: int = 8,
                    bench_shape=(300, 512, 512), bench_spacing=(0.7, 0.35, 0.35)) -> dict:
   """The benchmark's report (see the module docstring; arguments as the command's flags)."""
   cfg = data_config.resolve(config)
   if not cfg.root:
-    cfg.root = _synthetic_root(bench_dir, bench_studies, [int(v) for v in bench_shape],
+    cfg.root = synthetic_root(bench_dir, bench_studies, [int(v) for v in bench_shape],
                                [float(v) for v in bench_spacing])
   if batch_size:
     cfg.batch_size = batch_size
@@ -267,6 +270,17 @@ def bench_pipeline(config, *, batches: int = 12, warmup: int = 2, workers: int |
          'spacing_mm': list(cfg.spacing_mm), 'windows': [list(w) for w in cfg.windows],
          'cache_mb': cfg.cache_mb, 'prefetch': cfg.prefetch}
   loaders = [('ours', _run_ours, (cfg.to_dict(), batches, warmup))]
+  if compare_paths:
+    # The same crops read the other ways, side by side (module docstring): the full-resolution
+    # volume (the path before derived levels existed), and the other side of crop_on.
+    variants = {'ours_full_resolution': {'levels': False, 'crop_on': 'host'},
+                'ours_levels_host': {'levels': True, 'crop_on': 'host'}}
+    if cfg.crop_mode == 'region' and not cfg.with_segmentation and not cfg.fit_to_box:
+      variants['ours_device_blocks'] = {'levels': True, 'crop_on': 'device'}
+    for name, changes in variants.items():
+      if all(cfg[k] == v for k, v in changes.items()):
+        continue  # that is 'ours' itself
+      loaders.append((name, _run_ours, ({**cfg.to_dict(), **changes}, batches, warmup)))
   if compare_monai:
     for fmt in monai_formats:
       paths = _nifti_copies(cfg.root, studies, fmt, os.path.join(bench_dir, 'nifti',
@@ -288,7 +302,10 @@ def bench_pipeline(config, *, batches: int = 12, warmup: int = 2, workers: int |
                      peak_rss_mb=max(x['peak_rss_mb'] for x in rs),
                      peak_pss_mb=max(x['peak_pss_mb'] for x in rs),
                      crops_per_s_runs=[x['crops_per_s'] for x in rs])
-    if name != 'ours':
+    if name.startswith('ours_'):
+      out[name + '_cpu_ratio'] = round(out[name]['cpu_s_per_crop'] /
+                                       out['ours']['cpu_s_per_crop'], 2)
+    elif name != 'ours':
       out[name + '_speedup'] = round(out['ours']['crops_per_s'] / out[name]['crops_per_s'], 2)
       out[name + '_cpu_ratio'] = round(out[name]['cpu_s_per_crop'] /
                                        out['ours']['cpu_s_per_crop'], 2)
