@@ -93,7 +93,8 @@ def _accelerator(config) -> str:
   result = accelerator.run(
       _ACCEL_CONFIGS.value, steps=_STEPS.value, warmup=_WARMUP.value, tiny=_TINY.value,
       root=config.data.get('root', ''), bench_dir=_BENCH_DIR.value, bench_studies=_STUDIES.value,
-      bench_shape=_SHAPE.value, bench_spacing=_SPACING.value, host_batches=_BATCHES.value)
+      bench_shape=_SHAPE.value, bench_spacing=_SPACING.value, host_batches=_BATCHES.value,
+      batch_size=_BATCH.value)
   return accelerator.report(result)  # human lines, JSON on the last line
 
 

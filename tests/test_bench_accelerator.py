@@ -31,3 +31,12 @@ def test_accelerator_benchmark_runs_tiny_on_cpu(tmp_path):
     assert r['peak_source'].startswith('measured')  # no data-sheet peak for a CPU
     assert isinstance(r['input_bound'], bool)
   assert 'MFU' in proc.stdout and 'samples/s' in proc.stdout
+
+
+def test_step_benchmark_feeds_device_crop_configs_their_blocks():
+  from cspine_jax.benchmarks import accelerator  # pylint: disable=import-outside-toplevel
+  from cspine_jax.benchmarks import step  # pylint: disable=import-outside-toplevel
+  config = accelerator.shrink(accelerator.load_config('vit_b2'))
+  assert config.data.crop_on == 'device'
+  result = step.bench_step(config, steps=1, warmup=1)
+  assert result['flops_per_step'] > 0 and np.isfinite(result['step_s'])

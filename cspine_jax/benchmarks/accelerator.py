@@ -100,10 +100,12 @@ def _cpu_seconds() -> float:
 
 
 def bench_one(name: str, root: str, steps: int, warmup: int, tiny: bool,
-              host_batches: int) -> dict:
+              host_batches: int, batch_size: int | None = None) -> dict:
   config = load_config(name)
   if tiny:
     config = shrink(config)
+  if batch_size:
+    config.batch_size = int(batch_size)
   config.data.root = root
   config.data.fold = -1
   config.data.require_segmentation = False  # every study: the benchmark is about speed
@@ -176,7 +178,7 @@ def bench_one(name: str, root: str, steps: int, warmup: int, tiny: bool,
 def run(configs=DEFAULT_CONFIGS, *, steps: int = 10, warmup: int = 2, tiny: bool = False,
         root: str = '', bench_dir: str = '/tmp/cspine_bench', bench_studies: int = 8,
         bench_shape=(300, 512, 512), bench_spacing=(0.7, 0.35, 0.35),
-        host_batches: int = 4) -> dict:
+        host_batches: int = 4, batch_size: int | None = None) -> dict:
   if not root:
     root = pipeline_bench.synthetic_root(bench_dir, bench_studies,
                                          [int(v) for v in bench_shape],
@@ -185,7 +187,8 @@ def run(configs=DEFAULT_CONFIGS, *, steps: int = 10, warmup: int = 2, tiny: bool
             'device_kind': jax.devices()[0].device_kind, 'devices': jax.device_count(),
             'configs': {}}
   for name in configs:
-    result['configs'][name] = bench_one(name, root, steps, warmup, tiny, host_batches)
+    result['configs'][name] = bench_one(name, root, steps, warmup, tiny, host_batches,
+                                        batch_size)
   return result
 
 

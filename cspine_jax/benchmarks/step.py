@@ -22,9 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cspine_jax import device_crop
 from cspine_jax import parallel
 from cspine_jax import train_lib
 from cspine_jax.benchmarks import flops
+from cspine_jax.data import config as data_config
+from cspine_jax.data import device_blocks
 from cspine_jax.models import factory
 
 
@@ -47,6 +50,9 @@ def bench_step(config, steps: int = 10, warmup: int = 2) -> dict:
   host = {'image': rng.random((b,) + shape + (channels,), np.float32),
           'labels': (rng.random((b, 8)) < 0.3).astype(np.float32),
           'mask': np.ones((b,), bool)}
+  if device_crop.for_config(config) is not None:
+    host.update(_device_block_batch(config, b, rng))  # the step makes the images itself
+    del host['image']
   if task.segmentation:  # the localizer: a label per voxel
     host['segmentation'] = rng.integers(0, 8, (b,) + shape, dtype=np.uint8)
     host['has_segmentation'] = np.ones((b,), bool)
@@ -88,6 +94,20 @@ def bench_step(config, steps: int = 10, warmup: int = 2) -> dict:
       'batch_size': b,
       'dtype': str(dtype),
   }
+
+
+def _device_block_batch(config, b: int, rng: np.random.Generator) -> dict:
+  """data.crop_on='device' inputs: random int16 blocks, each crop centred in its block."""
+  cfg = data_config.resolve(config)
+  block = device_blocks.block_shape(cfg)
+  out = np.asarray(cfg.input_shape, float)
+  affine = np.zeros((3, 4), np.float32)
+  affine[:, :3] = np.diag(np.asarray(cfg.spacing_mm) / device_blocks.level_mm())
+  affine[:, 3] = (np.asarray(block) - 1) / 2 - affine[:, :3] @ ((out - 1) / 2)
+  return {'block': rng.integers(-1000, 1500, (b,) + block, dtype=np.int16),
+          'affine': np.repeat(affine[None], b, 0),
+          'intensity': np.tile(np.float32([1.0, 0.0, 10.0]), (b, 1)),
+          'noise_seed': np.arange(b, dtype=np.uint32)}
 
 
 def _vit_pytorch_3d():
