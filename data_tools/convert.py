@@ -236,9 +236,12 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
       record['has_segmentation'] = True
       record['vertebra_boxes'] = store.vertebra_boxes(mask)
     else:
-      store.remove_array(out, store.SEGMENTATIONS, uid)  # a mask an earlier run kept
+      for kind in (store.SEGMENTATIONS, *store.LABEL_LEVELS):
+        store.remove_array(out, kind, uid)  # a mask an earlier run kept
     # The derived levels (cspine_jax/data/levels.py) before the volume, which goes last.
     record['levels'] = levels.write(out, uid, series.hu, series.spacing, attrs)
+    if mask is not None:
+      record['levels'] += levels.write_labels(out, uid, mask, series.spacing, attrs)
     store.put_array(out, store.VOLUMES, uid, series.hu, attrs)
   except dicom.StudyError as e:
     record = _failed(record, str(e))
@@ -253,7 +256,7 @@ def _failed(record: dict, message: str) -> dict:
 
 
 def _remove_outputs(out: str, uid: str) -> None:
-  for kind in (store.VOLUMES, store.SEGMENTATIONS, *store.VOLUME_LEVELS):
+  for kind in (store.VOLUMES, store.SEGMENTATIONS, *store.LEVELS):
     store.remove_array(out, kind, uid)
 
 
@@ -338,8 +341,7 @@ def run(input_root: str, out: str, workers: int, progress: bool = True) -> list[
 
 def _run_locked(jobs: list[dict], labels: dict, boxes: dict, out: str, workers: int,
                 progress: bool) -> list[dict]:
-  store.clean_temporaries(out, (store.VOLUMES, store.SEGMENTATIONS, *store.VOLUME_LEVELS,
-                                STATE_DIR))
+  store.clean_temporaries(out, (store.VOLUMES, store.SEGMENTATIONS, *store.LEVELS, STATE_DIR))
   job_records = store.JobRecords(out, STATE_DIR)
   records, todo = {}, []
   for job in jobs:

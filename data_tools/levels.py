@@ -28,20 +28,28 @@ from data_tools import convert
 FLAGS = flags.FLAGS
 
 
+def _expected(record: dict) -> list[str]:
+  return list(store.VOLUME_LEVELS) + (list(store.LABEL_LEVELS)
+                                      if record.get('has_segmentation') else [])
+
+
 def _missing(root: str, record: dict) -> bool:
-  return record.get('status') == 'ok' and set(record.get('levels', [])) != set(
-      store.VOLUME_LEVELS)
+  return record.get('status') == 'ok' and set(record.get('levels', [])) != set(_expected(record))
 
 
 def _one(root: str, record: dict) -> list[str]:
-  """The study's levels: written now, or found whole (placed by a run killed before its
-  manifest was written)."""
+  """Writes the study's missing levels (a run killed before its manifest was written may have
+  placed some whole); returns all its level kinds."""
   uid = record['uid']
-  if all(store.array_exists(root, kind, uid) for kind in store.VOLUME_LEVELS):
-    return list(store.VOLUME_LEVELS)
-  path = store.array_path(root, store.VOLUMES, uid)
-  volume = store.read_array(path)
-  return levels.write(root, uid, volume, record['spacing_mm'], store.read_attributes(path))
+  spacing = record['spacing_mm']
+  have = lambda kinds: all(store.array_exists(root, kind, uid) for kind in kinds)
+  if not have(store.VOLUME_LEVELS):
+    path = store.array_path(root, store.VOLUMES, uid)
+    levels.write(root, uid, store.read_array(path), spacing, store.read_attributes(path))
+  if record.get('has_segmentation') and not have(store.LABEL_LEVELS):
+    path = store.array_path(root, store.SEGMENTATIONS, uid)
+    levels.write_labels(root, uid, store.read_array(path), spacing, store.read_attributes(path))
+  return _expected(record)
 
 
 def upgrade(root: str, workers: int = 1) -> tuple[int, int]:
@@ -54,7 +62,7 @@ def upgrade(root: str, workers: int = 1) -> tuple[int, int]:
     raise cli.Failure(f'--data={root} is being written by data_tools.convert (it holds '
                       f'{os.path.join(root, convert.RUN_LOCK)}); wait for it to finish')
   try:
-    store.clean_temporaries(root, tuple(store.VOLUME_LEVELS))
+    store.clean_temporaries(root, tuple(store.LEVELS))
     records = store.read_manifest(root)
     todo = [r for r in records if _missing(root, r)]
     job_records = store.JobRecords(root, convert.STATE_DIR)

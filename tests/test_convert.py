@@ -234,7 +234,7 @@ def test_kill_minus_nine_then_resume_equals_clean_run(dataset, converted, tmp_pa
   with open(os.path.join(out, store.MANIFEST)) as f, \
        open(os.path.join(clean_out, store.MANIFEST)) as g:
     assert f.read() == g.read()
-  for sub in ('volumes', 'segmentations', *store.VOLUME_LEVELS):
+  for sub in ('volumes', 'segmentations', *store.LEVELS):
     assert sorted(os.listdir(os.path.join(out, sub))) == sorted(
         os.listdir(os.path.join(clean_out, sub)))
     for study in studies:
@@ -245,16 +245,21 @@ def test_kill_minus_nine_then_resume_equals_clean_run(dataset, converted, tmp_pa
 
 def test_levels_are_written_beside_every_volume(converted):
   out, records = converted
+  assert any(r['has_segmentation'] for r in records.values())
   for uid, record in records.items():
-    assert record['levels'] == list(store.VOLUME_LEVELS)
+    labels = list(store.LABEL_LEVELS) if record['has_segmentation'] else []
+    assert record['levels'] == list(store.VOLUME_LEVELS) + labels
     volume = store.read_array(store.array_path(out, store.VOLUMES, uid))
     expected = levels.build(volume, record['spacing_mm'])
-    for kind, level_mm in store.VOLUME_LEVELS.items():
+    if labels:
+      mask = store.read_array(store.array_path(out, store.SEGMENTATIONS, uid))
+      expected['segmentations_2mm'] = levels.downsample_labels(mask, record['spacing_mm'], 2.0)
+    for kind in record['levels']:
       path = store.array_path(out, kind, uid)
       np.testing.assert_array_equal(store.read_array(path), expected[kind])
       attrs = store.read_attributes(path)
-      assert attrs['spacing_mm'] == [level_mm] * 3 and attrs['origin'] == record['origin']
-      assert attrs['direction'] == record['direction']
+      assert attrs['spacing_mm'] == [store.LEVELS[kind]] * 3
+      assert attrs['origin'] == record['origin'] and attrs['direction'] == record['direction']
 
 
 def test_a_second_command_on_the_same_output_is_refused(dataset, tmp_path):

@@ -59,6 +59,17 @@ def test_levels_equal_the_plain_reference(shape, spacing, monkeypatch):
   assert one_mm.shape == levels.level_shape(shape, spacing, 1.0)
 
 
+def test_label_level_is_the_nearest_voxel_label():
+  mask = np.random.default_rng(0).integers(0, 8, (23, 40, 37)).astype(np.uint8)
+  spacing = (0.7, 0.35, 0.45)
+  level = levels.downsample_labels(mask, spacing, 2.0)
+  assert level.shape == levels.level_shape(mask.shape, spacing, 2.0)
+  for j in [(0, 0, 0), (5, 3, 7), tuple(n - 1 for n in level.shape)]:
+    # level voxel j is at volume index j * 2 / s: its nearest voxel's label, rounded half up.
+    i = tuple(int(np.floor(a * 2.0 / s + 0.5)) for a, s in zip(j, spacing))
+    assert level[j] == mask[i]
+
+
 @pytest.fixture(scope='module')
 def ct(tmp_path_factory):
   """Two CT-like studies at 0.7 x 0.35 x 0.35 mm (noisy phantom), with levels."""
@@ -123,6 +134,22 @@ def test_level_choice_follows_the_crop_spacing(ct):
   thick = manifest.Study(**{**study.__dict__, 'spacing_mm': (2.5, 0.5, 0.5)})
   assert levels.choose(thick, geometry.crop_map(centre, geometry.mm_to_index(
       thick.spacing_mm, thick.direction), (8, 8, 8), (1.25, 1.0, 1.0))) is None
+
+
+def test_localizer_labels_from_the_label_level_match_the_full_mask(ct):
+  study = manifest.load_manifest(ct)[0]
+  cfg = _cfg(ct, crop_mode='volume', input_shape=(16, 16, 16))
+  reader = sources.VolumeReader(ct)
+  read_for = lambda kind: reader.reader_for(kind, study.uid)
+  cmap = transforms.volume_crop_map(study.shape, study.spacing_mm, study.direction, cfg)
+  assert levels.choose(study, cmap, store.LABEL_LEVELS) == 'segmentations_2mm'
+  level = levels.sample_labels(read_for, study, store.SEGMENTATIONS, cmap)
+  full = levels.sample_labels(read_for, study, store.SEGMENTATIONS, cmap, use_levels=False)
+  assert (full > 0).sum() > 100
+  # Labels move by at most 1 mm (half a level voxel): they differ only along label borders.
+  borders = ndi.binary_dilation(ndi.morphological_gradient(full, size=3) > 0)
+  assert np.all(level[~borders] == full[~borders])
+  assert (level == full).mean() > 0.9
 
 
 def _elements(cfg, process_index=0, process_count=1, n=4):
@@ -229,9 +256,12 @@ def test_an_old_dataset_trains_on_the_volumes_and_names_the_upgrade(old_dataset,
 def test_upgrade_writes_what_the_converter_would(old_dataset):
   assert levels_cmd.upgrade(old_dataset, workers=2) == (2, 2)
   for study in manifest.load_manifest(old_dataset):
-    assert study.levels == tuple(store.VOLUME_LEVELS)
+    assert study.levels == tuple(store.LEVELS)  # every study has a mask here
     volume = store.read_array(store.array_path(old_dataset, store.VOLUMES, study.uid))
-    for kind, array in levels.build(volume, study.spacing_mm).items():
+    mask = store.read_array(store.array_path(old_dataset, store.SEGMENTATIONS, study.uid))
+    expected = {**levels.build(volume, study.spacing_mm),
+                'segmentations_2mm': levels.downsample_labels(mask, study.spacing_mm, 2.0)}
+    for kind, array in expected.items():
       np.testing.assert_array_equal(
           store.read_array(store.array_path(old_dataset, kind, study.uid)), array)
   assert levels_cmd.upgrade(old_dataset, workers=1) == (0, 2)  # a rerun has nothing to do

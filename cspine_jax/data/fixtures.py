@@ -74,6 +74,9 @@ def write_study(root: str, uid: str, volume: np.ndarray, *, spacing_mm=(1.0, 1.0
       record['vertebra_boxes'] = store.vertebra_boxes(segmentation)
     if with_levels:
       record['levels'] = levels.write(root, uid, volume.astype(np.int16), spacing_mm, geometry)
+      if segmentation is not None:
+        record['levels'] += levels.write_labels(root, uid, segmentation.astype(np.uint8),
+                                                spacing_mm, geometry)
   record.update(extra)
   return record
 

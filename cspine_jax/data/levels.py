@@ -1,5 +1,7 @@
 """Derived levels: each volume box-filtered and resampled once onto isotropic 1 and 2 mm grids.
 
+(And the true mask, nearest neighbour, on the 2 mm grid: the localizer's labels.)
+
 A training crop rarely wants the scanner's resolution: `configs/vit_b2.py` samples 128^3 voxels
 of (1.25, 1, 1) mm, which at 0.7 x 0.35 x 0.35 mm spans ~30 M source voxels (60 MB of int16) to
 read, decompress and anti-alias for 2 M outputs. The converter therefore writes, beside every
@@ -46,8 +48,9 @@ def index_scale(spacing_mm, level_mm: float) -> np.ndarray:
   return np.asarray(spacing_mm, float) / float(level_mm)
 
 
-def choose(study, cmap: geometry.CropMap, allowed=None) -> str | None:
-  """The coarsest level of ``study`` to read ``cmap`` from, or None (the full volume).
+def choose(study, cmap: geometry.CropMap, kinds=None) -> str | None:
+  """The coarsest level of ``study`` (among ``kinds``: name -> mm, default the volume levels) to
+  read ``cmap`` from, or None (the full-resolution array).
 
   ``cmap.step`` (input voxels per output voxel along each input axis) times the volume's spacing
   is the crop's output spacing in mm there; a level qualifies when L <= SLACK * its minimum, and
@@ -55,17 +58,18 @@ def choose(study, cmap: geometry.CropMap, allowed=None) -> str | None:
   interpolated onto a finer level and interpolated again by the crop would blur more than the
   crop's own filter, so such studies read the volume (or a coarser level).
   """
+  kinds = store.VOLUME_LEVELS if kinds is None else kinds
   if cmap.step is None or not study.levels:
     return None
   spacing = np.asarray(study.spacing_mm, float)
   finest_mm = float(np.min(np.asarray(cmap.step) * spacing))
   best = None
   for kind in study.levels:
-    level_mm = store.VOLUME_LEVELS.get(kind)
-    if level_mm is None or (allowed is not None and kind not in allowed):
+    level_mm = kinds.get(kind)
+    if level_mm is None:
       continue
     fits = spacing.max() / SLACK <= level_mm <= SLACK * finest_mm
-    if fits and (best is None or level_mm > store.VOLUME_LEVELS[best]):
+    if fits and (best is None or level_mm > kinds[best]):
       best = kind
   return best
 
@@ -83,6 +87,21 @@ def sample(read_for: Callable[[str], Callable], study, cmap: geometry.CropMap, p
   return geometry.resample(read_for(kind), level_shape(study.shape, study.spacing_mm, level_mm),
                            geometry.rescale(cmap, index_scale(study.spacing_mm, level_mm)),
                            pad_value)
+
+
+def sample_labels(read_for: Callable[[str], Callable], study, kind: str,
+                  cmap: geometry.CropMap, use_levels: bool = True) -> np.ndarray:
+  """Nearest-neighbour labels of ``cmap`` from mask ``kind``: the true mask's 2 mm level where
+  the crop is coarse enough for it (its labels then sit up to 1 mm from where the full mask
+  has them), else the full-resolution mask."""
+  level = (choose(study, cmap, store.LABEL_LEVELS)
+           if use_levels and kind == store.SEGMENTATIONS else None)
+  if level is None:
+    return geometry.resample(read_for(kind), study.shape, cmap, 0, order=0)
+  level_mm = store.LABEL_LEVELS[level]
+  return geometry.resample(read_for(level), level_shape(study.shape, study.spacing_mm, level_mm),
+                           geometry.rescale(cmap, index_scale(study.spacing_mm, level_mm)), 0,
+                           order=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,16 +172,34 @@ def build(volume: np.ndarray, spacing_mm) -> dict[str, np.ndarray]:
   return out
 
 
-def attributes(volume_attrs: dict, level_mm: float) -> dict:
-  """A level's zarr attributes: the volume's geometry with the level's spacing."""
-  return {**volume_attrs, 'spacing_mm': [float(level_mm)] * 3, 'level_of': store.VOLUMES,
+def downsample_labels(mask: np.ndarray, spacing_mm, level_mm: float) -> np.ndarray:
+  """The mask's level: at each level voxel the label of the nearest volume voxel (j * L / s
+  rounded half up), so no label is ever invented."""
+  shape = level_shape(mask.shape, spacing_mm, level_mm)
+  index = [np.minimum(np.floor(np.arange(m) * level_mm / s + 0.5).astype(int), n - 1)
+           for m, s, n in zip(shape, spacing_mm, mask.shape)]
+  return np.ascontiguousarray(mask[np.ix_(*index)])
+
+
+def attributes(source_attrs: dict, level_mm: float, level_of: str = store.VOLUMES) -> dict:
+  """A level's zarr attributes: its source's with the level's spacing."""
+  return {**source_attrs, 'spacing_mm': [float(level_mm)] * 3, 'level_of': level_of,
           'level_mm': float(level_mm)}
 
 
 def write(root: str, uid: str, volume: np.ndarray, spacing_mm, volume_attrs: dict) -> list[str]:
-  """Writes every level of one study (each whole or not at all); returns their kinds."""
+  """Writes every volume level of one study (each whole or not at all); returns their kinds."""
   kinds = []
   for kind, array in build(volume, spacing_mm).items():
     store.put_array(root, kind, uid, array, attributes(volume_attrs, store.VOLUME_LEVELS[kind]))
     kinds.append(kind)
   return kinds
+
+
+def write_labels(root: str, uid: str, mask: np.ndarray, spacing_mm, mask_attrs: dict
+                 ) -> list[str]:
+  """Writes every level of the study's true mask; returns their kinds."""
+  for kind, level_mm in store.LABEL_LEVELS.items():
+    store.put_array(root, kind, uid, downsample_labels(mask, spacing_mm, level_mm),
+                    attributes(mask_attrs, level_mm, store.SEGMENTATIONS))
+  return list(store.LABEL_LEVELS)

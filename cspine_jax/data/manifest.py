@@ -32,7 +32,7 @@ class Study:
   vertebra_boxes: dict[str, Box]
   predicted_vertebra_boxes: dict[str, Box]
   warnings: tuple[str, ...] = ()
-  # Derived levels written beside the volume (store.VOLUME_LEVELS kinds; cspine_jax/data/
+  # Derived levels written beside the volume and mask (store.LEVELS kinds; cspine_jax/data/
   # levels.py); () for a dataset converted before they existed: crops then read the volume.
   levels: tuple[str, ...] = ()
 
@@ -111,7 +111,7 @@ def parse_study(obj: dict, where: str | None = None) -> Study:
       vertebra_boxes=get('vertebra_boxes', _boxes, {}),
       predicted_vertebra_boxes=get('predicted_vertebra_boxes', _boxes, {}),
       warnings=get('warnings', tuple, ()),
-      levels=get('levels', lambda v: tuple(str(k) for k in v if k in store.VOLUME_LEVELS), ()),
+      levels=get('levels', lambda v: tuple(str(k) for k in v if k in store.LEVELS), ()),
   )
 
 

@@ -5,6 +5,7 @@
   ROOT/segmentations/<UID>/           zarr3 uint8 on the same grid, 1-7 = C1-C7
   ROOT/predicted_segmentations/<UID>/ the localizer's mask, same grid and labels
   ROOT/volumes_1mm/<UID>/, volumes_2mm/  derived levels: int16 HU on isotropic 1 / 2 mm grids
+  ROOT/segmentations_2mm/<UID>/       the true mask on the 2 mm grid (nearest neighbour)
   ROOT/.state/<UID>.json              the converter's per-study records (``JobRecords``)
   ROOT/.localize/<UID>.json           the localizer's per-study records
   .tmp-*                              half-written files and arrays (``clean_temporaries``)
@@ -54,7 +55,10 @@ PREDICTED_SEGMENTATIONS = 'predicted_segmentations'
 # scan box-filtered and resampled once onto coarser grids with the volume's origin and direction,
 # so that a training crop reads ~2-4 M voxels instead of the ~30 M it spans at 0.35 mm.
 VOLUME_LEVELS = {'volumes_1mm': 1.0, 'volumes_2mm': 2.0}
-ARRAY_KINDS = (VOLUMES, SEGMENTATIONS, PREDICTED_SEGMENTATIONS) + tuple(VOLUME_LEVELS)
+# The true mask on the 2 mm grid (nearest neighbour), for the localizer's whole-volume crops.
+LABEL_LEVELS = {'segmentations_2mm': 2.0}
+LEVELS = {**VOLUME_LEVELS, **LABEL_LEVELS}
+ARRAY_KINDS = (VOLUMES, SEGMENTATIONS, PREDICTED_SEGMENTATIONS) + tuple(LEVELS)
 # Per-study records of the resumable commands (JobRecords folders).
 CONVERT_STATE = '.state'  # data_tools.convert
 LOCALIZE_STATE = '.localize'  # data_tools.localize

@@ -59,6 +59,14 @@ def _sample_image(reader: sources.VolumeReader, study, cmap: geometry.CropMap, c
                        use_levels=bool(cfg.levels))
 
 
+def _sample_labels(reader: sources.VolumeReader, study, kind: str, cmap: geometry.CropMap,
+                   cfg) -> np.ndarray:
+  """Nearest-neighbour labels of mask ``kind`` through ``cmap`` (the true mask from its 2 mm
+  level when the crop is that coarse: levels.sample_labels)."""
+  return levels.sample_labels(lambda k: reader.reader_for(k, study.uid), study, kind, cmap,
+                              use_levels=bool(cfg.levels))
+
+
 def _targets(study) -> dict:
   labelled = study is not None and study.labels is not None
   labels = np.asarray(study.labels if labelled else [0] * constants.NUM_TARGETS, np.float32)
@@ -117,9 +125,7 @@ def make_volume_crop(reader: sources.VolumeReader, study, cfg, rng=None):
   image = _sample_image(reader, study, cmap, cfg)
   if not study.has_segmentation:
     return image, np.zeros(cmap.shape, np.uint8)
-  seg = geometry.resample(reader.reader_for(store.SEGMENTATIONS, study.uid), study.shape,
-                          cmap, 0, order=0)
-  return image, seg
+  return image, _sample_labels(reader, study, store.SEGMENTATIONS, cmap, cfg)
 
 
 def vertebra_crop_maps(study, cfg, augments=None, boxes=None):
@@ -160,8 +166,7 @@ def make_region_crop(reader: sources.VolumeReader, study, cfg, rng=None,
   kind = study.segmentation_kind
   if kind is None:
     return image, np.zeros(cmap.shape, np.uint8)
-  seg = geometry.resample(reader.reader_for(kind, study.uid), study.shape, cmap, 0, order=0)
-  return image, seg
+  return image, _sample_labels(reader, study, kind, cmap, cfg)
 
 
 def _training_boxes(study, cfg, rng) -> dict | None:
