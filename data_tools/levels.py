@@ -45,7 +45,7 @@ def _one(root: str, record: dict) -> list[str]:
   have = lambda kinds: all(store.array_exists(root, kind, uid) for kind in kinds)
   if not have(store.VOLUME_LEVELS):
     path = store.array_path(root, store.VOLUMES, uid)
-    levels.write(root, uid, store.read_array(path), spacing, store.read_attributes(path))
+    levels.write(root, uid, levels.SlabReader(path), spacing, store.read_attributes(path))
   if record.get('has_segmentation') and not have(store.LABEL_LEVELS):
     path = store.array_path(root, store.SEGMENTATIONS, uid)
     levels.write_labels(root, uid, store.read_array(path), spacing, store.read_attributes(path))

@@ -136,8 +136,12 @@ def _cell_means(block: np.ndarray, pool) -> np.ndarray:
   return out.astype(np.float32, copy=False)
 
 
-def downsample(volume: np.ndarray, spacing_mm, level_mm: float) -> np.ndarray:
-  """The int16 level of ``volume`` (module docstring), computed in slabs of z."""
+def downsample(volume, spacing_mm, level_mm: float) -> np.ndarray:
+  """The int16 level of ``volume`` (module docstring), computed in slabs of z.
+
+  ``volume``: an array, or anything with ``shape`` whose ``[z0:z1]`` gives those slices as numpy
+  (``SlabReader``: a volume on disk is never read whole).
+  """
   s = np.asarray(spacing_mm, float)
   shape = level_shape(volume.shape, s, level_mm)
   step = level_mm / s  # volume voxels per level voxel
@@ -153,7 +157,7 @@ def downsample(volume: np.ndarray, spacing_mm, level_mm: float) -> np.ndarray:
     # Pooled z cells this slab interpolates between, and the volume slices they average.
     q_lo = max(0, int(math.floor(j0 * zoom[0] + shift[0])))
     q_hi = min(-(-volume.shape[0] // pool[0]), int(math.floor((j1 - 1) * zoom[0] + shift[0])) + 2)
-    pooled = _cell_means(volume[q_lo * pool[0]:q_hi * pool[0]], pool)
+    pooled = _cell_means(np.asarray(volume[q_lo * pool[0]:q_hi * pool[0]]), pool)
     offset = np.array([j0 * zoom[0] + shift[0] - q_lo, shift[1], shift[2]])
     slab = ndi.affine_transform(pooled, zoom, offset=offset, output_shape=(j1 - j0,) + shape[1:],
                                 order=1, mode='nearest', prefilter=False, output=np.float32)
@@ -162,7 +166,18 @@ def downsample(volume: np.ndarray, spacing_mm, level_mm: float) -> np.ndarray:
   return out
 
 
-def build(volume: np.ndarray, spacing_mm) -> dict[str, np.ndarray]:
+class SlabReader:
+  """z-slabs of a zarr3 volume on disk, read as numpy (for ``downsample``)."""
+
+  def __init__(self, path: str):
+    self._array = store.open_array(path)
+    self.shape = tuple(int(n) for n in self._array.shape)
+
+  def __getitem__(self, z: slice) -> np.ndarray:
+    return self._array[z].read().result()
+
+
+def build(volume, spacing_mm) -> dict[str, np.ndarray]:
   """Every level of ``store.VOLUME_LEVELS`` (finest first, each from the one before)."""
   out = {}
   source, source_spacing = volume, tuple(float(v) for v in spacing_mm)
@@ -187,7 +202,7 @@ def attributes(source_attrs: dict, level_mm: float, level_of: str = store.VOLUME
           'level_mm': float(level_mm)}
 
 
-def write(root: str, uid: str, volume: np.ndarray, spacing_mm, volume_attrs: dict) -> list[str]:
+def write(root: str, uid: str, volume, spacing_mm, volume_attrs: dict) -> list[str]:
   """Writes every volume level of one study (each whole or not at all); returns their kinds."""
   kinds = []
   for kind, array in build(volume, spacing_mm).items():
