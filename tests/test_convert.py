@@ -270,21 +270,68 @@ def test_manifest_record_fields(converted):
   assert len(rec['labels']) == len(constants.TARGETS)
 
 
+def _header_slice(path: str) -> dicom._Slice:
+  """A slice as the reader holds it: its header, and where its pixel data element starts."""
+  with open(path, 'rb') as f:
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    return dicom._Slice(os.path.basename(path), path, ds, None, None, f.tell())
+
+
+@pytest.mark.parametrize('syntax', [synthetic.JPEG_LOSSLESS, synthetic.EXPLICIT_VR_LE,
+                                    synthetic.IMPLICIT_VR_LE])
 @pytest.mark.parametrize('storage', sorted(synthetic.STORAGES))
-def test_fast_jpeg_lossless_decoder_equals_pydicom(tmp_path, storage):
-  """imagecodecs' libljpeg path must give exactly pydicom's stored values, sign included."""
-  study = synthetic.make_study(5, 0, 32, storage=storage,
-                               transfer_syntax=synthetic.JPEG_LOSSLESS)
+def test_fast_decoders_equal_pydicom(tmp_path, storage, syntax):
+  """The paths without pydicom (raw bytes read at the pixel data offset; libjpeg-turbo) are
+  taken for every storage and give exactly pydicom's stored values, dtype and sign included."""
+  study = synthetic.make_study(5, 0, 32, storage=storage, transfer_syntax=syntax)
   synthetic.write_study(study, str(tmp_path), 'train', None)
   folder = tmp_path / 'train_images' / study.uid
   for name in sorted(os.listdir(folder))[:3]:
-    path = str(folder / name)
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    fast = dicom._decode_jpeg_lossless(dicom._Slice(name, path, ds, None, None))
-    assert fast is not None
-    ref = pydicom.dcmread(path).pixel_array
-    assert fast.dtype == ref.dtype
-    np.testing.assert_array_equal(fast, ref)
+    s = _header_slice(str(folder / name))
+    fast = dicom._fast_stored(s, np.empty((32, 32), np.uint16))
+    assert fast is not None  # the fast path, not the fallback
+    ref = pydicom.dcmread(str(folder / name)).pixel_array
+    assert fast[0].dtype == ref.dtype
+    np.testing.assert_array_equal(fast[0], ref)
+    assert fast[1][0] <= ref.min() and ref.max() <= fast[1][1]  # the range it claims
+
+
+@pytest.mark.parametrize('signed', [0, 1])
+def test_fast_native_path_ignores_bits_above_bits_stored(tmp_path, signed):
+  """Bits above BitsStored (an overlay, junk) are not part of the value: masked (unsigned) or
+  sign-extended from BitsStored (signed), as pydicom does."""
+  study = synthetic.make_study(5, 0, 32, storage='signed12' if signed else 'unsigned12',
+                               transfer_syntax=synthetic.EXPLICIT_VR_LE)
+  synthetic.write_study(study, str(tmp_path), 'train', None)
+  folder = tmp_path / 'train_images' / study.uid
+  path = str(folder / sorted(os.listdir(folder))[0])
+  ds = pydicom.dcmread(path)
+  raw = np.frombuffer(ds.PixelData, np.uint16).copy()
+  raw[::3] |= np.uint16(0xA000)  # junk in bits 13 and 15
+  ds.PixelData = raw.tobytes()
+  ds.save_as(path)
+  fast = dicom._fast_stored(_header_slice(path), np.empty((32, 32), np.uint16))
+  ref = pydicom.dcmread(path).pixel_array
+  assert fast is not None and fast[0].dtype == ref.dtype
+  np.testing.assert_array_equal(fast[0], ref)
+  assert -2048 <= int(fast[0].min()) and int(fast[0].max()) <= 4095
+
+
+@pytest.mark.parametrize('keep', [0.5, 0.98])
+def test_truncated_jpeg_lossless_slice_fails_naming_it(tmp_path, keep):
+  """libjpeg-turbo and liblj92 decode a cut JPEG stream without complaint: the fast path must
+  refuse a file whose items end early, so that the study fails naming the file, as before."""
+  study = synthetic.make_study(5, 0, 32, transfer_syntax=synthetic.JPEG_LOSSLESS)
+  synthetic.write_study(study, str(tmp_path), 'train', None)
+  folder = tmp_path / 'train_images' / study.uid
+  name = sorted(os.listdir(folder))[2]
+  start = _header_slice(str(folder / name)).pixel_offset
+  with open(folder / name, 'r+b') as f:  # cut inside the pixel data: the header stays whole
+    f.truncate(start + int((os.path.getsize(folder / name) - start) * keep))
+  assert dicom._fast_stored(_header_slice(str(folder / name)),
+                            np.empty((32, 32), np.uint16)) is None
+  with pytest.raises(dicom.StudyError, match=f'{name}: pixel data cannot be decoded'):
+    dicom.read_series(str(folder))
 
 
 def test_files_without_preamble_or_file_meta(tmp_path):
