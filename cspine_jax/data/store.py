@@ -19,24 +19,30 @@ bytes (66 -> 90 MiB); crops are decode-bound, disk is cheap (`python -m data_too
 --chunks`). Geometry lives in the array's attributes. TensorStore must never be used across
 ``fork()``: callers open arrays inside the process (or thread) that reads them.
 
-This module imports no JAX or Flax: the offline tools (data_tools/) import it and stay light.
+Arrays are written by ``write_shards`` (numpy and imagecodecs' c-blosc, whole shards, the bytes
+TensorStore writes for the same spec: tested) and read through TensorStore.
+
+This module imports no JAX or Flax, and TensorStore and SciPy only inside the functions that use
+them (importing TensorStore costs ~0.5 s, most of it ml_dtypes): the converter's processes write
+arrays without them and start fast.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
 import shutil
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TYPE_CHECKING
 
+import imagecodecs
 import numpy as np
-from scipy import ndimage
-# Importing TensorStore starts no thread and opens nothing, so the module itself is safe to
-# import in a parent that later forks. What must never cross a fork() is an open ts.Context or
-# array handle: create those (shared_context, open_array) in the process that uses them.
-import tensorstore as ts
+
+if TYPE_CHECKING:
+  import tensorstore as ts
 
 from cspine_jax import constants
 
@@ -54,7 +60,7 @@ ARRAY_KINDS = (VOLUMES, SEGMENTATIONS, PREDICTED_SEGMENTATIONS)
 CONVERT_STATE = '.state'  # data_tools.convert
 LOCALIZE_STATE = '.localize'  # data_tools.localize
 TMP_PREFIX = '.tmp-'  # every temporary name starts with it; clean_temporaries removes them
-ZARR_JSON = 'zarr.json'  # an array's metadata; written last by TensorStore's create
+ZARR_JSON = 'zarr.json'  # an array's metadata (write_shards writes it last)
 # The input side (the RSNA layout, DESIGN.md section 1): INPUT/segmentations/<UID>.nii[.gz].
 INPUT_SEGMENTATIONS = 'segmentations'
 
@@ -249,6 +255,7 @@ def write_manifest(root: str, records: Iterable[dict]) -> None:
 
 def vertebra_boxes(mask: np.ndarray) -> dict[str, list[int]]:
   """{"C1": [z0, y0, x0, z1, y1, x1], ...} (end-exclusive ints) of the labels 1-7 present."""
+  from scipy import ndimage  # deferred: ~0.2 s to import, needed for masks only (docstring)
   boxes = {}
   for i, sl in enumerate(ndimage.find_objects(mask, max_label=len(constants.VERTEBRAE))):
     if sl is not None:
@@ -292,7 +299,7 @@ class JobRecords:
 
 
 # ---------------------------------------------------------------------------------------------
-# zarr3 arrays (TensorStore).
+# zarr3 arrays.
 # ---------------------------------------------------------------------------------------------
 
 # Inner (read) chunk and shard shapes, (z, y, x), chosen for random 64^3..96^3 crops by
@@ -344,24 +351,165 @@ def spec(path: str, shape=None, dtype=None, attributes: Mapping[str, Any] | None
 
 def write_array(path: str, array: np.ndarray, attributes: Mapping[str, Any] | None = None,
                 context: ts.Context | None = None) -> None:
-  """Creates a zarr3 array at ``path`` (which must not exist) holding ``array``."""
+  """Creates a zarr3 array at ``path`` (which must not exist) holding ``array``, through
+  TensorStore (the reference ``write_shards`` is tested against; test fixtures use it)."""
+  import tensorstore as ts  # pylint: disable=redefined-outer-name  # deferred (docstring)
   store = ts.open(spec(path, array.shape, array.dtype, attributes), create=True,
                   context=context or ts.Context()).result()
   store.write(np.ascontiguousarray(array)).result()
 
 
+# zarr3 without TensorStore. A sharded array is one file per shard, c/<i>/<j>/<k> (the default
+# chunk key encoding): the shard's inner chunks, each encoded by the inner codecs (little-endian
+# bytes, then blosc) and concatenated in C order, then the index (one little-endian (offset,
+# nbytes) uint64 pair per inner chunk, 2^64-1 twice for a chunk not stored), then the index's
+# crc32c. As TensorStore does, an inner chunk equal to the fill value (0) is not stored, nor a
+# shard that holds none, and a chunk that sticks out of the array is padded with the fill value.
+_MISSING = 2**64 - 1
+_BLOSC_SHUFFLE = {'noshuffle': 0, 'shuffle': 1, 'bitshuffle': 2}
+SHARD_THREADS = 2  # shards encoded at once by write_shards (c-blosc releases the GIL)
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for i in range(256):
+    c = i
+    for _ in range(8):
+      c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)  # the Castagnoli polynomial, reflected
+    table.append(c)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli) of ``data``, as zarr3's crc32c codec: only shard indexes (a few hundred
+  bytes each) go through it, so a table in Python is fast enough."""
+  c = 0xFFFFFFFF
+  for byte in data:
+    c = _CRC32C[(c ^ byte) & 0xFF] ^ (c >> 8)
+  return c ^ 0xFFFFFFFF
+
+
+def _zarr_json(metadata: Mapping[str, Any]) -> bytes:
+  """zarr.json as TensorStore writes it for ``spec()``'s metadata: its defaults filled in, keys
+  sorted, no spaces."""
+  meta = json.loads(json.dumps(metadata))  # a deep copy
+  meta.update({'chunk_key_encoding': {'name': 'default'}, 'fill_value': 0, 'node_type': 'array',
+               'zarr_format': 3})
+  for codec in meta['codecs'][0]['configuration']['codecs']:
+    if codec['name'] == 'blosc':
+      codec['configuration'].setdefault('blocksize', 0)
+    if codec['name'] == 'bytes' and np.dtype(meta['data_type']).itemsize == 1:
+      codec.pop('configuration', None)  # an endianness means nothing for one-byte values
+  return json.dumps(meta, sort_keys=True, separators=(',', ':'), ensure_ascii=False,
+                    allow_nan=False).encode('utf-8')
+
+
+def _blosc_args(metadata: Mapping[str, Any]) -> dict:
+  """imagecodecs.blosc_encode's arguments for the inner chunks ``spec()`` declares: little-
+  endian bytes, then blosc. Any other codec fails here rather than writing other bytes."""
+  sharding = metadata['codecs'][0]
+  codecs = sharding['configuration']['codecs']
+  names = [c['name'] for c in codecs]
+  index_codecs = [c['name'] for c in sharding['configuration']['index_codecs']]
+  if (sharding['name'] != 'sharding_indexed' or names != ['bytes', 'blosc']
+      or codecs[0].get('configuration', {}).get('endian', 'little') != 'little'
+      or index_codecs != ['bytes', 'crc32c']):
+    raise NotImplementedError(f'write_shards: codecs {names}, index {index_codecs}')
+  blosc = codecs[1]['configuration']
+  return dict(level=blosc['clevel'], compressor=blosc['cname'],
+              shuffle=_BLOSC_SHUFFLE[blosc['shuffle']], typesize=blosc['typesize'],
+              blocksize=blosc.get('blocksize', 0), numthreads=1)
+
+
+class _ShardEncoder:
+  """Encodes shards of one array into buffers it reuses (one encoder per thread): fresh buffers
+  for every inner chunk cost more in page faults than the compression itself."""
+
+  def __init__(self, array: np.ndarray, inner, shard, blosc_args: dict):
+    self.array, self.inner, self.blosc_args = array, tuple(inner), blosc_args
+    self.per_shard = [s // i for s, i in zip(shard, inner)]
+    self.shard = shard
+    # c-blosc is given this little-endian array (it takes the shuffle's element size from it).
+    self.chunk = np.empty(inner, array.dtype.newbyteorder('<'))
+    self.out = bytearray(math.prod(self.per_shard) * (self.chunk.nbytes + 16))  # + blosc header
+
+  def encode(self, position) -> tuple[memoryview, bytes] | None:
+    """(the inner chunks' bytes, index and crc32c) of the shard at grid ``position``, or None
+    when the shard stores nothing."""
+    start = [p * s for p, s in zip(position, self.shard)]
+    index = np.full((math.prod(self.per_shard), 2), _MISSING, '<u8')
+    out, offset = memoryview(self.out), 0
+    for n, pos in enumerate(np.ndindex(*self.per_shard)):
+      lo = [s + p * i for s, p, i in zip(start, pos, self.inner)]
+      part = self.array[tuple(slice(l, l + i) for l, i in zip(lo, self.inner))]
+      if part.size == 0:  # outside the array
+        continue
+      if part.shape != self.inner:  # at the array's edge: padded with the fill value
+        self.chunk[...] = 0
+      self.chunk[tuple(slice(0, k) for k in part.shape)] = part
+      if not self.chunk.any():  # all fill value (0): not stored
+        continue
+      size = len(imagecodecs.blosc_encode(self.chunk, **self.blosc_args, out=out[offset:]))
+      index[n] = offset, size
+      offset += size
+    if not offset:
+      return None
+    index_bytes = index.tobytes()
+    return out[:offset], index_bytes + crc32c(index_bytes).to_bytes(4, 'little')
+
+
+def write_shards(path: str, array: np.ndarray,
+                 attributes: Mapping[str, Any] | None = None) -> None:
+  """Creates the zarr3 array of ``spec()`` at ``path`` (which must not exist) holding ``array``:
+  byte for byte the files ``write_array`` (TensorStore) writes, without importing TensorStore.
+
+  Whole shards are encoded (SHARD_THREADS at once) and each written by one open/write/close;
+  besides ``array`` this holds one shard's buffers per thread (~8 MiB for int16), never a second
+  copy of the array. zarr.json is written last. Integer arrays only (fill value 0).
+  """
+  array = np.asarray(array)
+  if array.dtype.kind not in 'iub':
+    raise TypeError(f'write_shards: integer arrays only, not {array.dtype}')
+  metadata = spec(path, array.shape, array.dtype, attributes)['metadata']
+  zarr_json = _zarr_json(metadata)  # first: attributes that are not JSON fail before any write
+  blosc_args = _blosc_args(metadata)
+  inner, shard = _chunk_shapes(array.shape)
+  positions = list(np.ndindex(*[-(-n // s) for n, s in zip(array.shape, shard)]))
+  os.makedirs(path)
+
+  def write(share):
+    encoder = _ShardEncoder(array, inner, shard, blosc_args)
+    for position in share:
+      encoded = encoder.encode(position)
+      if encoded is not None:
+        name = os.path.join(path, 'c', *map(str, position))
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+        with open(name, 'wb') as f:
+          for part in encoded:
+            f.write(part)
+
+  threads = max(1, min(SHARD_THREADS, len(positions)))
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    for done in pool.map(write, [positions[i::threads] for i in range(threads)]):
+      del done  # pool.map re-raises a thread's error here
+  with open(os.path.join(path, ZARR_JSON), 'wb') as f:
+    f.write(zarr_json)
+
+
 def put_array(root: str, kind: str, uid: str, array: np.ndarray,
-              attributes: Mapping[str, Any] | None = None,
-              context: ts.Context | None = None) -> str:
+              attributes: Mapping[str, Any] | None = None) -> str:
   """Writes ROOT/<kind>/<uid>/ whole or not at all, replacing any older one; returns its path.
 
-  The array is written under a temporary name in the same folder and then ``place``d; on error
-  the temporary is removed and what was there before is untouched.
+  The array is written (``write_shards``) under a temporary name in the same folder and then
+  ``place``d; on error the temporary is removed and what was there before is untouched.
   """
   tmp = new_temp_dir(os.path.join(root, kind), uid)
   final = array_path(root, kind, uid)
   try:
-    write_array(tmp, array, attributes, context)
+    write_shards(tmp, array, attributes)
     place(tmp, final)
   finally:
     if os.path.exists(tmp):
@@ -378,6 +526,7 @@ def remove_array(root: str, kind: str, uid: str) -> None:
 
 def shared_context(cache_bytes: int = 256 << 20, concurrency: int | None = None) -> ts.Context:
   """One TensorStore context per process, with a capped chunk cache."""
+  import tensorstore as ts  # pylint: disable=redefined-outer-name  # deferred (docstring)
   cfg: dict[str, Any] = {'cache_pool': {'total_bytes_limit': int(cache_bytes)}}
   if concurrency:
     cfg['data_copy_concurrency'] = {'limit': int(concurrency)}
@@ -387,6 +536,7 @@ def shared_context(cache_bytes: int = 256 << 20, concurrency: int | None = None)
 
 def open_array(path: str, context: ts.Context | None = None) -> ts.TensorStore:
   """Opens a contract volume read-only; cached chunks are trusted (data is immutable)."""
+  import tensorstore as ts  # pylint: disable=redefined-outer-name  # deferred (docstring)
   s = spec(path)
   s['recheck_cached_data'] = 'open'
   s['recheck_cached_metadata'] = 'open'
