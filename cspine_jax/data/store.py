@@ -253,13 +253,43 @@ def write_manifest(root: str, records: Iterable[dict]) -> None:
   atomic_write(manifest_path(root), ''.join(l + '\n' for l in lines))
 
 
+def nonzero_box(array: np.ndarray) -> tuple[slice, ...] | None:
+  """The smallest box (one slice per axis) that holds every non-zero value; None if there is none.
+
+  Masks are mostly background (the neck is a small part of a 512^2 scan): work on a mask can skip
+  the rest. One any() per axis, which numpy runs far faster than a pass of real work.
+  """
+  box = []
+  for axis in range(array.ndim):
+    hit = np.flatnonzero(array.any(axis=tuple(a for a in range(array.ndim) if a != axis)))
+    if not hit.size:
+      return None
+    box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+  return tuple(box)
+
+
 def vertebra_boxes(mask: np.ndarray) -> dict[str, list[int]]:
-  """{"C1": [z0, y0, x0, z1, y1, x1], ...} (end-exclusive ints) of the labels 1-7 present."""
-  from scipy import ndimage  # deferred: ~0.2 s to import, needed for masks only (docstring)
+  """{"C1": [z0, y0, x0, z1, y1, x1], ...} (end-exclusive ints) of the labels 1-7 present.
+
+  Within the mask's non-zero box, each label becomes one bit, and OR-ing the bits over two axes
+  gives, along the third, where each label occurs: four passes over that box, no SciPy.
+  """
+  n = len(constants.VERTEBRAE)
+  box = nonzero_box(mask)
+  if box is None:
+    return {}
+  labels = mask[box]
+  in_range = (labels >= 1) & (labels <= n)  # other values (thoracic, unknown) are no vertebra
+  bits = (np.left_shift(1, np.where(in_range, labels - 1, 0)) * in_range).astype(np.uint8)
+  profiles = [np.bitwise_or.reduce(bits, axis=tuple(a for a in range(3) if a != axis))
+              for axis in range(3)]
   boxes = {}
-  for i, sl in enumerate(ndimage.find_objects(mask, max_label=len(constants.VERTEBRAE))):
-    if sl is not None:
-      boxes[constants.VERTEBRAE[i]] = [int(s.start) for s in sl] + [int(s.stop) for s in sl]
+  for i, name in enumerate(constants.VERTEBRAE):
+    where = [np.flatnonzero(p & np.uint8(1 << i)) for p in profiles]
+    if where[0].size:
+      start = [int(w[0]) + b.start for w, b in zip(where, box)]
+      stop = [int(w[-1]) + 1 + b.start for w, b in zip(where, box)]
+      boxes[name] = start + stop
   return boxes
 
 
