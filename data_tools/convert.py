@@ -11,15 +11,18 @@ Writes the data contract of DESIGN.md section 1:
 
 INPUT is an RSNA root (train_images/, test_images/, segmentations/, train.csv,
 train_bounding_boxes.csv; any may be missing) or a folder whose sub-folders are studies.
-Studies run in parallel processes (spawned: TensorStore is never used across fork). Each study is
-written under a temporary name and moved into place when complete; a rerun skips finished studies
-and retries failed ones, so `kill -9` at any time loses nothing: workers die with the command (a
-rerun waits for any that outlive it), and a second command on the same OUTPUT is refused. The
-command exits 1, after converting everything it can, when any study failed (the manifest says
-why), and 1 before writing anything when INPUT holds no study folder or a malformed train.csv /
-train_bounding_boxes.csv (the message names the file, line and column); 2 for a usage error (a
-missing or bad flag, an INPUT that is not there). A study folder not named by a DICOM UID fails
-and is reported by its position ("study folder #3 of train_images/"), never by its name.
+Studies run in parallel worker processes, spawned (never forked: whatever the calling process
+holds, e.g. a TensorStore context, must not cross a fork) and kept warm: each converts study after
+study, and imports neither TensorStore nor SciPy (arrays are written by store.write_shards), so it
+starts in a fraction of a second. Each study is written under a temporary name and moved into
+place when complete; a rerun skips finished studies and retries failed ones, so `kill -9` at any
+time loses nothing: workers die with the command (a rerun waits for any that outlive it), and a
+second command on the same OUTPUT is refused. The command exits 1, after converting everything it
+can, when any study failed (the manifest says why), and 1 before writing anything when INPUT
+holds no study folder or a malformed train.csv / train_bounding_boxes.csv (the message names the
+file, line and column); 2 for a usage error (a missing or bad flag, an INPUT that is not there).
+A study folder not named by a DICOM UID fails and is reported by its position ("study folder #3
+of train_images/"), never by its name.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from cspine_jax import constants
 from cspine_jax.data import kaggle
 from cspine_jax.data import store
 from data_tools import dicom
-from data_tools import nifti
+from data_tools import stages
 
 STATE_DIR = store.CONVERT_STATE  # one finished record per study; the manifest is rebuilt from them
 FORMAT_VERSION = 1
@@ -197,51 +200,61 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
     record.update({
         'source_slices': len(series.slice_files),
         'transfer_syntaxes': series.transfer_syntaxes,
-        'hu_range': [int(series.hu.min()), int(series.hu.max())],
+        'hu_range': list(series.hu_range),
         'has_segmentation': False, 'vertebra_boxes': {},
         'fracture_boxes': _fracture_boxes(boxes, series.slice_files, warnings),
     })
     mask = None
     if job['segmentation']:
-      seg_name = os.path.basename(job['segmentation'])
-      try:
-        data, affine = nifti.load(job['segmentation'])
-        mask, coverage = nifti.to_grid(data, affine, series.voxel_to_lps(), series.hu.shape)
-        if coverage < 0.5:
-          warnings.append(f'{seg_name}: covers {coverage:.0%} of the volume; its geometry does '
-                          'not match the series, segmentation dropped')
-          mask = None
-        elif coverage < 0.999:
-          warnings.append(f'{seg_name}: covers only {coverage:.1%} of the volume (0 elsewhere)')
-        if mask is not None:
-          unknown = []
-          if mask.min() < 0 or mask.max() > 19:  # cheap check first: np.unique sorts
-            unknown = np.setdiff1d(np.unique(mask), np.arange(20))
-          if len(unknown):
-            warnings.append(f'{seg_name}: unexpected labels {unknown.tolist()[:5]} set to 0')
-          mask = nifti.cervical_labels(mask)
-      except Exception as e:  # pylint: disable=broad-except
-        warnings.append(f'{seg_name}: unreadable NIfTI ({type(e).__name__}: {e}); ignored')
-        mask = None
+      with stages.stage('mask alignment'):
+        mask = _aligned_mask(job['segmentation'], series, warnings)
 
     for kind in (store.VOLUMES, store.SEGMENTATIONS):
       os.makedirs(os.path.join(out, kind), exist_ok=True)
     # Each array is written under a temporary name and placed whole; the volume goes last, so a
     # placed volume means the study's arrays are complete.
     if mask is not None:
-      store.put_array(out, store.SEGMENTATIONS, uid, mask, {
-          **attrs, 'units': 'label', 'labels': {'0': 'background', **{
-              str(i + 1): v for i, v in enumerate(constants.VERTEBRAE)}}})
+      with stages.stage('zarr3 encode and write'):
+        store.put_array(out, store.SEGMENTATIONS, uid, mask, {
+            **attrs, 'units': 'label', 'labels': {'0': 'background', **{
+                str(i + 1): v for i, v in enumerate(constants.VERTEBRAE)}}})
+      with stages.stage('mask alignment'):
+        record['vertebra_boxes'] = store.vertebra_boxes(mask)
       record['has_segmentation'] = True
-      record['vertebra_boxes'] = store.vertebra_boxes(mask)
     else:
       store.remove_array(out, store.SEGMENTATIONS, uid)  # a mask an earlier run kept
-    store.put_array(out, store.VOLUMES, uid, series.hu, attrs)
+    with stages.stage('zarr3 encode and write'):
+      store.put_array(out, store.VOLUMES, uid, series.hu, attrs)
   except dicom.StudyError as e:
     record = _failed(record, str(e))
   except Exception as e:  # pylint: disable=broad-except
     record = _failed(record, f'internal error ({type(e).__name__}: {e})')
   return record
+
+
+def _aligned_mask(path: str, series: dicom.Series, warnings: list[str]) -> np.ndarray | None:
+  """The NIfTI mask at ``path`` on the series' grid as C1-C7 labels, or None (with a warning)
+  when it is unreadable or does not cover the volume."""
+  from data_tools import nifti  # deferred: nibabel is needed by the studies with a mask only
+  seg_name = os.path.basename(path)
+  try:
+    data, affine = nifti.load(path)
+    mask, coverage = nifti.to_grid(data, affine, series.voxel_to_lps(), series.hu.shape)
+    if coverage < 0.5:
+      warnings.append(f'{seg_name}: covers {coverage:.0%} of the volume; its geometry does '
+                      'not match the series, segmentation dropped')
+      return None
+    if coverage < 0.999:
+      warnings.append(f'{seg_name}: covers only {coverage:.1%} of the volume (0 elsewhere)')
+    unknown = []
+    if mask.min() < 0 or mask.max() > 19:  # cheap check first: np.unique sorts
+      unknown = np.setdiff1d(np.unique(mask), np.arange(20))
+    if len(unknown):
+      warnings.append(f'{seg_name}: unexpected labels {unknown.tolist()[:5]} set to 0')
+    return nifti.cervical_labels(mask)
+  except Exception as e:  # pylint: disable=broad-except
+    warnings.append(f'{seg_name}: unreadable NIfTI ({type(e).__name__}: {e}); ignored')
+    return None
 
 
 def _failed(record: dict, message: str) -> dict:
@@ -360,10 +373,11 @@ def _run_locked(jobs: list[dict], labels: dict, boxes: dict, out: str, workers: 
       last_manifest = time.monotonic()
 
   crashed = []
-  ctx = multiprocessing.get_context('spawn')
-  pool_args = {'mp_context': ctx, 'initializer': _worker_init, 'initargs': (out, os.getpid())}
-  with concurrent.futures.ProcessPoolExecutor(max(1, workers), **pool_args) as pool:
-    futures = {pool.submit(_worker, a): a for a in args}
+  pool_args = {'mp_context': multiprocessing.get_context('spawn'), 'initializer': _worker_init,
+               'initargs': (out, os.getpid())}
+  # No more workers than studies: each costs a process start and its imports.
+  with concurrent.futures.ProcessPoolExecutor(max(1, min(workers, len(args))), **pool_args) as pool:
+    futures = {pool.submit(_worker, a): a for a in args}  # the workers start here
     for fut in concurrent.futures.as_completed(futures):
       try:
         finish(fut.result())

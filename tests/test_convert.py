@@ -279,6 +279,22 @@ def test_arrays_are_the_bytes_tensorstore_writes(converted, tmp_path):
       assert sum(len(n) for _, _, n in os.walk(again)) == sum(len(n) for _, _, n in os.walk(path))
 
 
+def test_conversion_imports_no_tensorstore_or_scipy(dataset, tmp_path):
+  """What a worker runs (a study with a mask included) and the command around it stay light:
+  importing TensorStore alone costs ~0.5 s, scipy.ndimage ~0.15 s, per process and per run (nibabel
+  imports the scipy package itself, a few ms)."""
+  root, _ = dataset
+  code = ('import json, sys\n'
+          'from data_tools import convert\n'
+          f'records = convert.run({root!r}, {str(tmp_path / "out")!r}, 1, progress=False)\n'
+          f'job = [j for j in convert.discover({root!r}) if j["segmentation"]][0]\n'
+          f'record = convert.convert_study(job, {str(tmp_path / "again")!r}, None, [])\n'
+          'print(json.dumps([record["status"], record["has_segmentation"], sorted(\n'
+          '    m for m in ("tensorstore", "scipy.ndimage", "jax") if m in sys.modules)]))\n')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert json.loads(proc.stdout.splitlines()[-1]) == ['ok', True, []]
+
+
 def test_manifest_record_fields(converted):
   out, _ = converted
   with open(os.path.join(out, store.MANIFEST)) as f:
