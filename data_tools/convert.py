@@ -181,33 +181,28 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
                                     'DICOM StudyInstanceUID')
     return record
   try:
-    series = dicom.read_series(job['folder'])
-    warnings = record['warnings']
-    warnings += series.warnings
-    if series.study_uid_tag and series.study_uid_tag != uid:
+    scan = dicom.scan_series(job['folder'])
+    warnings = []  # the study's own, after the reader's
+    if scan.study_uid_tag and scan.study_uid_tag != uid:
       warnings.append('the StudyInstanceUID tag differs from the folder name (folder name used)')
     if labels is not None and labels[0] != max(labels[1:]):
       warnings.append('patient_overall is not the OR of C1-C7 in train.csv')
     geometry = {
-        'shape': list(series.hu.shape),
-        'spacing_mm': [round(v, 6) for v in series.spacing],
-        'origin': [round(v, 6) for v in series.origin],
-        'direction': [[round(v, 8) for v in row] for row in series.direction],
+        'shape': list(scan.shape),
+        'spacing_mm': [round(v, 6) for v in scan.spacing],
+        'origin': [round(v, 6) for v in scan.origin],
+        'direction': [[round(v, 8) for v in row] for row in scan.direction],
     }
     attrs = {**geometry, 'axes': ['z', 'y', 'x'], 'units': 'HU', 'uid': uid,
              'frame': 'LPS; direction rows are the z, y, x axes'}
-    record.update(geometry)
-    record.update({
-        'source_slices': len(series.slice_files),
-        'transfer_syntaxes': series.transfer_syntaxes,
-        'hu_range': list(series.hu_range),
-        'has_segmentation': False, 'vertebra_boxes': {},
-        'fracture_boxes': _fracture_boxes(boxes, series.slice_files, warnings),
-    })
+    done = dict(record, **geometry, source_slices=len(scan.slice_files),
+                transfer_syntaxes=scan.transfer_syntaxes, has_segmentation=False,
+                vertebra_boxes={}, fracture_boxes=_fracture_boxes(boxes, scan.slice_files,
+                                                                  warnings))
     mask = None
     if job['segmentation']:
       with stages.stage('mask alignment'):
-        mask = _aligned_mask(job['segmentation'], series, warnings)
+        mask = _aligned_mask(job['segmentation'], scan, warnings)
 
     for kind in (store.VOLUMES, store.SEGMENTATIONS):
       os.makedirs(os.path.join(out, kind), exist_ok=True)
@@ -219,12 +214,15 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
             **attrs, 'units': 'label', 'labels': {'0': 'background', **{
                 str(i + 1): v for i, v in enumerate(constants.VERTEBRAE)}}})
       with stages.stage('mask alignment'):
-        record['vertebra_boxes'] = store.vertebra_boxes(mask)
-      record['has_segmentation'] = True
+        done['vertebra_boxes'] = store.vertebra_boxes(mask)
+      done['has_segmentation'] = True
+      del mask
     else:
       store.remove_array(out, store.SEGMENTATIONS, uid)  # a mask an earlier run kept
-    with stages.stage('zarr3 encode and write'):
-      store.put_array(out, store.VOLUMES, uid, series.hu, attrs)
+    done['hu_range'] = _write_volume(scan, out, uid, attrs)
+    # The reader's warnings (its decoding's last) before the study's, as the manifest had them.
+    done['warnings'] = scan.warnings + warnings
+    record = done
   except dicom.StudyError as e:
     record = _failed(record, str(e))
   except Exception as e:  # pylint: disable=broad-except
@@ -232,14 +230,31 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
   return record
 
 
-def _aligned_mask(path: str, series: dicom.Series, warnings: list[str]) -> np.ndarray | None:
+def _write_volume(scan: dicom.Scan, out: str, uid: str, attrs: dict) -> list[int]:
+  """Decodes the volume one slab (a row of shards, 64 slices) at a time into one reused buffer
+  and writes each as it is done: a worker never holds the whole volume. Returns its HU range."""
+  with store.new_array(out, store.VOLUMES, uid, scan.shape, np.int16, attrs) as volume:
+    slab = np.empty((volume.slab_depth,) + scan.shape[1:], np.int16)
+    lo, hi = [], []
+    for z in range(0, scan.shape[0], volume.slab_depth):
+      part = slab[:min(volume.slab_depth, scan.shape[0] - z)]
+      low, high = scan.decode(z, part)
+      lo.append(low)
+      hi.append(high)
+      with stages.stage('zarr3 encode and write'):
+        volume.write(z, part)
+  return [min(lo), max(hi)]
+
+
+def _aligned_mask(path: str, scan: dicom.Scan, warnings: list[str]) -> np.ndarray | None:
   """The NIfTI mask at ``path`` on the series' grid as C1-C7 labels, or None (with a warning)
   when it is unreadable or does not cover the volume."""
   from data_tools import nifti  # deferred: nibabel is needed by the studies with a mask only
   seg_name = os.path.basename(path)
   try:
     data, affine = nifti.load(path)
-    mask, coverage = nifti.to_grid(data, affine, series.voxel_to_lps(), series.hu.shape)
+    mask, coverage = nifti.to_grid(data, affine, scan.voxel_to_lps(), scan.shape)
+    del data  # a memory map of the file: unmapped, so that the peak holds one mask
     if coverage < 0.5:
       warnings.append(f'{seg_name}: covers {coverage:.0%} of the volume; its geometry does '
                       'not match the series, segmentation dropped')
@@ -251,7 +266,7 @@ def _aligned_mask(path: str, series: dicom.Series, warnings: list[str]) -> np.nd
       unknown = np.setdiff1d(np.unique(mask), np.arange(20))
     if len(unknown):
       warnings.append(f'{seg_name}: unexpected labels {unknown.tolist()[:5]} set to 0')
-    return nifti.cervical_labels(mask)
+    return nifti.cervical_labels(mask, out=mask if mask.dtype == np.uint8 else None)
   except Exception as e:  # pylint: disable=broad-except
     warnings.append(f'{seg_name}: unreadable NIfTI ({type(e).__name__}: {e}); ignored')
     return None
@@ -303,10 +318,11 @@ def _lock_output(out: str):
 def _worker(args):
   job, out, labels, boxes = args
   record = convert_study(job, out, labels, boxes)
-  if is_valid_uid(job['uid']):  # an invalid name never becomes a path
-    if record['status'] != 'ok':
-      _remove_outputs(out, job['uid'])
-    store.JobRecords(out, STATE_DIR).save(record)
+  with stages.stage('manifest and bookkeeping'):
+    if is_valid_uid(job['uid']):  # an invalid name never becomes a path
+      if record['status'] != 'ok':
+        _remove_outputs(out, job['uid'])
+      store.JobRecords(out, STATE_DIR).save(record)
   return record
 
 

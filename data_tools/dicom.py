@@ -77,10 +77,14 @@ class Series:
 
   def voxel_to_lps(self) -> np.ndarray:
     """4x4 matrix from (z, y, x, 1) voxel indices to LPS millimetres."""
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(self.direction, float).T * np.asarray(self.spacing)[None, :]
-    m[:3, 3] = self.origin
-    return m
+    return _voxel_to_lps(self.direction, self.spacing, self.origin)
+
+
+def _voxel_to_lps(direction, spacing, origin) -> np.ndarray:
+  m = np.eye(4)
+  m[:3, :3] = np.asarray(direction, float).T * np.asarray(spacing)[None, :]
+  m[:3, 3] = origin
+  return m
 
 
 # Slices decoded at once per study: the decoders and file reads release the GIL, so a study uses a
@@ -222,15 +226,52 @@ def _numbers(values) -> str:
   return '[' + ', '.join(f'{float(v):.4g}' for v in values) + ']'
 
 
-def read_series(folder: str) -> Series:
-  """Reads the main axial CT series of ``folder``. Raises StudyError naming the bad file."""
+@dataclasses.dataclass
+class Scan:
+  """A series as its headers describe it, every check passed and no pixel decoded yet: the
+  volume's shape and geometry (as in Series) and its slices, superior first. ``read_series``
+  decodes it whole; the converter a slab at a time (``decode``), never holding all of it."""
+  shape: tuple[int, int, int]  # (z, y, x)
+  spacing: tuple[float, float, float]
+  origin: tuple[float, float, float]
+  direction: tuple
+  slice_files: list[str]
+  transfer_syntaxes: list[str]
+  warnings: list[str]  # decode() adds its own
+  study_uid_tag: str | None
+  slices: list[_Slice] = dataclasses.field(repr=False)
+
+  def voxel_to_lps(self) -> np.ndarray:
+    """4x4 matrix from (z, y, x, 1) voxel indices to LPS millimetres."""
+    return _voxel_to_lps(self.direction, self.spacing, self.origin)
+
+  def decode(self, start: int, out: np.ndarray) -> tuple[int, int]:
+    """Decodes slices [start, start + len(out)) straight into ``out`` (int16 HU, each slice into
+    its plane), DECODE_THREADS at once; returns their min and max HU. Raises StudyError naming
+    the first bad slice in z order."""
+    slices = self.slices[start:start + len(out)]
+    with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
+      futures = [pool.submit(_slice_to_hu, s, out[k]) for k, s in enumerate(slices)]
+      try:
+        done = [f.result() for f in futures]
+      except BaseException:
+        pool.shutdown(cancel_futures=True)  # a bad study: do not decode the rest of it
+        raise
+    for i, warning in enumerate(('non-integer rescale: HU rounded to the nearest integer',
+                                 'HU outside the int16 range were clipped')):
+      if any(d[i] for d in done) and warning not in self.warnings:
+        self.warnings.append(warning)
+    return min(lo for _, _, (lo, _) in done), max(hi for _, _, (_, hi) in done)
+
+
+def scan_series(folder: str) -> Scan:
+  """The main axial CT series of ``folder`` from its headers (every file parsed once, the pixel
+  data left in the files). Raises StudyError naming the bad file."""
   warnings: list[str] = []
   with stages.stage('file listing and header parsing'):
     files = _read_headers(folder, warnings)
   with stages.stage('sorting and geometry checks'):
     slices, dz = _sorted_slices(folder, _choose_series(files, warnings), warnings)
-  hu, hu_range = _decode_volume(slices, warnings)
-
   ref = slices[0]
   row_dir, col_dir = ref.orientation[:3], ref.orientation[3:]
   row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
@@ -238,8 +279,8 @@ def read_series(folder: str) -> Series:
   dir_z = dir_z / np.linalg.norm(dir_z)
   ref_spacing = _floats(ref.ds.get('PixelSpacing') or [], 2, 'PixelSpacing', ref.name)
   study_uid = ref.ds.get('StudyInstanceUID')
-  return Series(
-      hu=hu,
+  return Scan(
+      shape=(len(slices), int(ref.ds.Rows), int(ref.ds.Columns)),
       spacing=(dz, float(ref_spacing[0]), float(ref_spacing[1])),
       origin=tuple(float(v) for v in slices[0].position),
       direction=(tuple(dir_z.tolist()), tuple(col_dir.tolist()), tuple(row_dir.tolist())),
@@ -247,27 +288,17 @@ def read_series(folder: str) -> Series:
       transfer_syntaxes=sorted({_syntax(s) for s in slices}),
       warnings=warnings,
       study_uid_tag=str(study_uid) if study_uid else None,
-      hu_range=hu_range)
+      slices=slices)
 
 
-def _decode_volume(slices: list[_Slice],
-                   warnings: list[str]) -> tuple[np.ndarray, tuple[int, int]]:
-  """(the int16 HU volume, its min and max): every slice decoded straight into its plane of the
-  volume, DECODE_THREADS at once. The error of the first bad slice in z order is raised."""
-  ref = slices[0]
-  hu = np.empty((len(slices), int(ref.ds.Rows), int(ref.ds.Columns)), np.int16)
-  with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
-    futures = [pool.submit(_slice_to_hu, s, hu[k]) for k, s in enumerate(slices)]
-    try:
-      done = [f.result() for f in futures]
-    except BaseException:
-      pool.shutdown(cancel_futures=True)  # a bad study: do not decode the rest of it
-      raise
-  if any(rounded for rounded, _, _ in done):
-    warnings.append('non-integer rescale: HU rounded to the nearest integer')
-  if any(clipped for _, clipped, _ in done):
-    warnings.append('HU outside the int16 range were clipped')
-  return hu, (min(r[0] for _, _, r in done), max(r[1] for _, _, r in done))
+def read_series(folder: str) -> Series:
+  """Reads the main axial CT series of ``folder``. Raises StudyError naming the bad file."""
+  scan = scan_series(folder)
+  hu = np.empty(scan.shape, np.int16)
+  hu_range = scan.decode(0, hu)
+  return Series(hu=hu, spacing=scan.spacing, origin=scan.origin, direction=scan.direction,
+                slice_files=scan.slice_files, transfer_syntaxes=scan.transfer_syntaxes,
+                warnings=scan.warnings, study_uid_tag=scan.study_uid_tag, hu_range=hu_range)
 
 
 def _syntax(s: _Slice) -> str:

@@ -99,9 +99,10 @@ def _inside(coef: float, offset: float, n_target: int, n_source: int) -> np.ndar
   return (i >= 0) & (i < n_source)
 
 
-def cervical_labels(mask: np.ndarray) -> np.ndarray:
-  """The contract's labels: 1-7 = C1-C7, everything else (thoracic 8-19, unknown) -> 0."""
-  out = np.zeros(mask.shape, np.uint8)
+def cervical_labels(mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+  """The contract's labels: 1-7 = C1-C7, everything else (thoracic 8-19, unknown) -> 0; into a
+  new array, or into ``out``: ``mask`` itself when it is uint8 (in place)."""
+  out = np.zeros(mask.shape, np.uint8) if out is None else out
   box = store.nonzero_box(mask)  # only there is there anything to map
   if box is None:
     return out

@@ -295,6 +295,31 @@ def test_conversion_imports_no_tensorstore_or_scipy(dataset, tmp_path):
   assert json.loads(proc.stdout.splitlines()[-1]) == ['ok', True, []]
 
 
+def test_volume_is_decoded_and_written_a_slab_at_a_time(dataset, tmp_path, monkeypatch):
+  """A worker holds one slab of the volume (a row of shards along z) in one reused buffer, never
+  all of it: the slices are decoded a slab at a time, each slab written before the next."""
+  root, studies = dataset
+  monkeypatch.setattr(store, 'SHARD', (32, 256, 256))  # slabs of 32 slices: several here
+  calls = []
+  decode = dicom.Scan.decode
+
+  def recorded(scan, start, out):
+    calls.append((start, len(out)))
+    return decode(scan, start, out)
+
+  monkeypatch.setattr(dicom.Scan, 'decode', recorded)
+  job = convert.discover(root)[0]
+  record = convert.convert_study(job, str(tmp_path), None, [])
+  assert record['status'] == 'ok'
+  depth = record['shape'][0]
+  assert depth > 32  # two slabs at least
+  assert calls == [(z, min(32, depth - z)) for z in range(0, depth, 32)]
+  volume = store.read_array(store.array_path(str(tmp_path), store.VOLUMES, job['uid']))
+  truth = next(s for s in studies if s.uid == job['uid'])
+  np.testing.assert_array_equal(volume, truth.hu)
+  assert record['hu_range'] == [int(truth.hu.min()), int(truth.hu.max())]
+
+
 def test_manifest_record_fields(converted):
   out, _ = converted
   with open(os.path.join(out, store.MANIFEST)) as f:

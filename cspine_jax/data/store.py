@@ -19,8 +19,8 @@ bytes (66 -> 90 MiB); crops are decode-bound, disk is cheap (`python -m data_too
 --chunks`). Geometry lives in the array's attributes. TensorStore must never be used across
 ``fork()``: callers open arrays inside the process (or thread) that reads them.
 
-Arrays are written by ``write_shards`` (numpy and imagecodecs' c-blosc, whole shards, the bytes
-TensorStore writes for the same spec: tested) and read through TensorStore.
+Arrays are written by ``ShardWriter`` (numpy and imagecodecs' c-blosc, whole shards, slab by slab
+along z: the bytes TensorStore writes for the same spec, tested) and read through TensorStore.
 
 This module imports no JAX or Flax, and TensorStore and SciPy only inside the functions that use
 them (importing TensorStore costs ~0.5 s, most of it ml_dtypes): the converter's processes write
@@ -29,6 +29,7 @@ arrays without them and start fast.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import fcntl
 import json
 import math
@@ -36,7 +37,7 @@ import os
 import re
 import secrets
 import shutil
-from typing import Any, Iterable, Mapping, TYPE_CHECKING
+from typing import Any, Iterable, Iterator, Mapping, TYPE_CHECKING
 
 import imagecodecs
 import numpy as np
@@ -397,7 +398,7 @@ def write_array(path: str, array: np.ndarray, attributes: Mapping[str, Any] | No
 # shard that holds none, and a chunk that sticks out of the array is padded with the fill value.
 _MISSING = 2**64 - 1
 _BLOSC_SHUFFLE = {'noshuffle': 0, 'shuffle': 1, 'bitshuffle': 2}
-SHARD_THREADS = 2  # shards encoded at once by write_shards (c-blosc releases the GIL)
+SHARD_THREADS = 2  # shards encoded at once by ShardWriter (c-blosc releases the GIL)
 
 
 def _crc32c_table() -> list[int]:
@@ -455,26 +456,24 @@ def _blosc_args(metadata: Mapping[str, Any]) -> dict:
 
 
 class _ShardEncoder:
-  """Encodes shards of one array into buffers it reuses (one encoder per thread): fresh buffers
-  for every inner chunk cost more in page faults than the compression itself."""
+  """Encodes shards into buffers it reuses (one encoder per thread): fresh buffers for every
+  inner chunk cost more in page faults than the compression itself."""
 
-  def __init__(self, array: np.ndarray, inner, shard, blosc_args: dict):
-    self.array, self.inner, self.blosc_args = array, tuple(inner), blosc_args
+  def __init__(self, dtype: np.dtype, inner, shard, blosc_args: dict):
+    self.inner, self.shard, self.blosc_args = tuple(inner), tuple(shard), blosc_args
     self.per_shard = [s // i for s, i in zip(shard, inner)]
-    self.shard = shard
     # c-blosc is given this little-endian array (it takes the shuffle's element size from it).
-    self.chunk = np.empty(inner, array.dtype.newbyteorder('<'))
+    self.chunk = np.empty(inner, np.dtype(dtype).newbyteorder('<'))
     self.out = bytearray(math.prod(self.per_shard) * (self.chunk.nbytes + 16))  # + blosc header
 
-  def encode(self, position) -> tuple[memoryview, bytes] | None:
-    """(the inner chunks' bytes, index and crc32c) of the shard at grid ``position``, or None
-    when the shard stores nothing."""
-    start = [p * s for p, s in zip(position, self.shard)]
+  def encode(self, array: np.ndarray, start) -> tuple[memoryview, bytes] | None:
+    """(the inner chunks' bytes, index and crc32c) of the shard of ``array`` whose first voxel is
+    ``start``, or None when the shard stores nothing."""
     index = np.full((math.prod(self.per_shard), 2), _MISSING, '<u8')
     out, offset = memoryview(self.out), 0
     for n, pos in enumerate(np.ndindex(*self.per_shard)):
       lo = [s + p * i for s, p, i in zip(start, pos, self.inner)]
-      part = self.array[tuple(slice(l, l + i) for l, i in zip(lo, self.inner))]
+      part = array[tuple(slice(l, l + i) for l, i in zip(lo, self.inner))]
       if part.size == 0:  # outside the array
         continue
       if part.shape != self.inner:  # at the array's edge: padded with the fill value
@@ -491,60 +490,109 @@ class _ShardEncoder:
     return out[:offset], index_bytes + crc32c(index_bytes).to_bytes(4, 'little')
 
 
+class ShardWriter:
+  """Writes the zarr3 array of ``spec()`` at ``path`` (which must not exist) slab by slab along z,
+  without TensorStore: byte for byte the files ``write_array`` (TensorStore) writes.
+
+    writer = ShardWriter(path, shape, dtype, attributes)
+    for z in range(0, shape[0], writer.slab_depth):
+      writer.write(z, volume[z:z + writer.slab_depth])  # any array: a reused buffer is fine
+    writer.close()  # zarr.json, last
+
+  A slab is one row of shards along z (its shards are whole: each is encoded, SHARD_THREADS at
+  once, and written by one open/write/close), so a caller can decode a volume a slab at a time
+  and never hold all of it. Integer arrays only (fill value 0).
+  """
+
+  def __init__(self, path: str, shape, dtype, attributes: Mapping[str, Any] | None = None):
+    dtype = np.dtype(dtype)
+    if dtype.kind not in 'iub':
+      raise TypeError(f'ShardWriter: integer arrays only, not {dtype}')
+    self.path, self.shape = path, tuple(int(n) for n in shape)
+    metadata = spec(path, self.shape, dtype, attributes)['metadata']
+    self._zarr_json = _zarr_json(metadata)  # first: attributes that are not JSON fail here
+    self._inner, self._shard = _chunk_shapes(self.shape)
+    self.slab_depth = self._shard[0]
+    self._encoders = [_ShardEncoder(dtype, self._inner, self._shard, _blosc_args(metadata))
+                      for _ in range(SHARD_THREADS)]
+    self._rows = [-(-n // s) for n, s in zip(self.shape[1:], self._shard[1:])]
+    os.makedirs(path)
+
+  def write(self, z: int, slab: np.ndarray) -> None:
+    """Writes the shards of z rows [z, z + len(slab)): ``z`` a multiple of slab_depth, ``slab``
+    slab_depth deep (the last one: the rest of the array), its other axes the array's."""
+    depth = min(self.slab_depth, self.shape[0] - z)
+    if z % self.slab_depth or slab.shape != (depth,) + self.shape[1:]:
+      raise ValueError(f'slab {slab.shape} at z={z}: expected ({depth}, ...) at a multiple of '
+                       f'{self.slab_depth}')
+    positions = list(np.ndindex(*self._rows))
+    shares = [(enc, positions[i::len(self._encoders)]) for i, enc in enumerate(self._encoders)]
+
+    def write_share(share):
+      encoder, mine = share
+      for j, k in mine:
+        encoded = encoder.encode(slab, (0, j * self._shard[1], k * self._shard[2]))
+        if encoded is not None:
+          name = os.path.join(self.path, 'c', str(z // self.slab_depth), str(j), str(k))
+          os.makedirs(os.path.dirname(name), exist_ok=True)
+          with open(name, 'wb') as f:
+            for part in encoded:
+              f.write(part)
+
+    if len(shares) == 1:
+      write_share(shares[0])
+      return
+    with concurrent.futures.ThreadPoolExecutor(len(shares)) as pool:
+      for done in pool.map(write_share, shares):
+        del done  # pool.map re-raises a thread's error here
+
+  def close(self) -> None:
+    """Writes zarr.json: the array is complete."""
+    with open(os.path.join(self.path, ZARR_JSON), 'wb') as f:
+      f.write(self._zarr_json)
+
+
 def write_shards(path: str, array: np.ndarray,
                  attributes: Mapping[str, Any] | None = None) -> None:
-  """Creates the zarr3 array of ``spec()`` at ``path`` (which must not exist) holding ``array``:
-  byte for byte the files ``write_array`` (TensorStore) writes, without importing TensorStore.
-
-  Whole shards are encoded (SHARD_THREADS at once) and each written by one open/write/close;
-  besides ``array`` this holds one shard's buffers per thread (~8 MiB for int16), never a second
-  copy of the array. zarr.json is written last. Integer arrays only (fill value 0).
-  """
+  """Creates the zarr3 array of ``spec()`` at ``path`` (which must not exist) holding ``array``,
+  with ``ShardWriter``: besides ``array``, only one shard's buffers per thread (~8 MiB for int16)
+  are held, never a second copy."""
   array = np.asarray(array)
-  if array.dtype.kind not in 'iub':
-    raise TypeError(f'write_shards: integer arrays only, not {array.dtype}')
-  metadata = spec(path, array.shape, array.dtype, attributes)['metadata']
-  zarr_json = _zarr_json(metadata)  # first: attributes that are not JSON fail before any write
-  blosc_args = _blosc_args(metadata)
-  inner, shard = _chunk_shapes(array.shape)
-  positions = list(np.ndindex(*[-(-n // s) for n, s in zip(array.shape, shard)]))
-  os.makedirs(path)
-
-  def write(share):
-    encoder = _ShardEncoder(array, inner, shard, blosc_args)
-    for position in share:
-      encoded = encoder.encode(position)
-      if encoded is not None:
-        name = os.path.join(path, 'c', *map(str, position))
-        os.makedirs(os.path.dirname(name), exist_ok=True)
-        with open(name, 'wb') as f:
-          for part in encoded:
-            f.write(part)
-
-  threads = max(1, min(SHARD_THREADS, len(positions)))
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    for done in pool.map(write, [positions[i::threads] for i in range(threads)]):
-      del done  # pool.map re-raises a thread's error here
-  with open(os.path.join(path, ZARR_JSON), 'wb') as f:
-    f.write(zarr_json)
+  writer = ShardWriter(path, array.shape, array.dtype, attributes)
+  _write_slabs(writer, array)
+  writer.close()
 
 
-def put_array(root: str, kind: str, uid: str, array: np.ndarray,
-              attributes: Mapping[str, Any] | None = None) -> str:
-  """Writes ROOT/<kind>/<uid>/ whole or not at all, replacing any older one; returns its path.
+def _write_slabs(writer: ShardWriter, array: np.ndarray) -> None:
+  for z in range(0, array.shape[0], writer.slab_depth):
+    writer.write(z, array[z:z + writer.slab_depth])
 
-  The array is written (``write_shards``) under a temporary name in the same folder and then
-  ``place``d; on error the temporary is removed and what was there before is untouched.
-  """
+
+@contextlib.contextmanager
+def new_array(root: str, kind: str, uid: str, shape, dtype,
+              attributes: Mapping[str, Any] | None = None) -> Iterator[ShardWriter]:
+  """A ``ShardWriter`` for ROOT/<kind>/<uid>/ under a temporary name, ``place``d (replacing any
+  older one) when the block ends, after the caller wrote every slab; on an error the temporary
+  is removed and what was there before is untouched."""
   tmp = new_temp_dir(os.path.join(root, kind), uid)
   final = array_path(root, kind, uid)
   try:
-    write_shards(tmp, array, attributes)
+    writer = ShardWriter(tmp, shape, dtype, attributes)
+    yield writer
+    writer.close()
     place(tmp, final)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
-  return final
+
+
+def put_array(root: str, kind: str, uid: str, array: np.ndarray,
+              attributes: Mapping[str, Any] | None = None) -> str:
+  """Writes ROOT/<kind>/<uid>/ whole or not at all (``new_array``); returns its path."""
+  array = np.asarray(array)
+  with new_array(root, kind, uid, array.shape, array.dtype, attributes) as writer:
+    _write_slabs(writer, array)
+  return array_path(root, kind, uid)
 
 
 def remove_array(root: str, kind: str, uid: str) -> None:
