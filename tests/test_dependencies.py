@@ -24,7 +24,8 @@ PACKAGE_DIRS = ('cspine_jax', 'data_tools', 'configs')
 FIRST_PARTY = {'cspine_jax', 'data_tools', 'configs', 'tests'}
 # Import name -> distribution name, for every third-party module the code imports.
 DISTRIBUTIONS = {
-    'absl': 'absl-py', 'flax': 'flax', 'gdcm': 'python-gdcm', 'grain': 'grain',
+    'absl': 'absl-py', 'dcm2niix': 'dcm2niix', 'flax': 'flax', 'gdcm': 'python-gdcm',
+    'grain': 'grain',
     'highdicom': 'highdicom', 'imagecodecs': 'imagecodecs', 'jax': 'jax',
     'ml_collections': 'ml-collections',
     'monai': 'monai', 'nibabel': 'nibabel', 'numpy': 'numpy', 'optax': 'optax',
