@@ -41,6 +41,7 @@ import sys
 import imagecodecs
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
 
@@ -111,6 +112,18 @@ def _floats(value, n: int, what: str, name: str) -> np.ndarray:
   if out.shape != (n,) or not np.all(np.isfinite(out)):
     raise StudyError(f'{name}: {what} must have {n} finite numbers')
   return out
+
+
+def _ds_floats(ds: pydicom.Dataset, keyword: str, n: int, name: str) -> np.ndarray:
+  """The numbers of a decimal string (DS) tag, as ``_floats``. Parsed from the raw bytes while
+  pydicom has not converted the element: its DS objects validate every number, which was most of
+  the time spent checking a series' geometry."""
+  element = ds.get_item(keyword)
+  if (isinstance(element, RawDataElement) and isinstance(element.value, bytes)
+      and element.VR in (None, 'DS')):  # None: implicit VR, where the dictionary says DS
+    text = element.value.decode('ascii', 'replace').strip(' \0')
+    return _floats(text.split('\\') if text else [], n, keyword, name)
+  return _floats(ds.get(keyword) or [], n, keyword, name)
 
 
 def _read_headers(folder: str,
@@ -308,25 +321,29 @@ def _syntax(s: _Slice) -> str:
 def _sorted_slices(folder: str, files, warnings: list[str]) -> tuple[list[_Slice], float]:
   """(the series' slices superior first, slice spacing) after every geometry check; StudyError
   naming the file otherwise."""
-  slices = []
-  for name, ds, offset in files:
-    slices.append(_Slice(
-        name, os.path.join(folder, name), ds,
-        _floats(ds.ImagePositionPatient, 3, 'ImagePositionPatient', name),
-        _floats(ds.ImageOrientationPatient, 6, 'ImageOrientationPatient', name), offset))
+  slices = [_Slice(name, os.path.join(folder, name), ds,
+                   _ds_floats(ds, 'ImagePositionPatient', 3, name),
+                   _ds_floats(ds, 'ImageOrientationPatient', 6, name), offset)
+            for name, ds, offset in files]
   ref = slices[0]
-  ref_spacing = _floats(ref.ds.get('PixelSpacing') or [], 2, 'PixelSpacing', ref.name)
-  for s in slices[1:]:
-    if not np.allclose(s.orientation, ref.orientation, atol=1e-4):
+  ref_spacing = _ds_floats(ref.ds, 'PixelSpacing', 2, ref.name)
+  # Every slice against the first, all at once; the first slice that differs is named.
+  orientation_ok = np.isclose(np.stack([s.orientation for s in slices]), ref.orientation,
+                              atol=1e-4).all(axis=1)
+  spacings = np.stack([_ds_floats(s.ds, 'PixelSpacing', 2, s.name) for s in slices])
+  spacing_ok = np.isclose(spacings, ref_spacing, rtol=1e-4).all(axis=1)
+  matrices = [(s.ds.Rows, s.ds.Columns) for s in slices]
+  for k in np.flatnonzero(~orientation_ok | ~spacing_ok
+                          | np.array([m != matrices[0] for m in matrices]))[:1]:
+    s = slices[k]
+    if not orientation_ok[k]:
       raise StudyError(f'{s.name}: ImageOrientationPatient differs from {ref.name} '
                        '(inconsistent orientation within the series)')
-    spacing = _floats(s.ds.get('PixelSpacing') or [], 2, 'PixelSpacing', s.name)
-    if not np.allclose(spacing, ref_spacing, rtol=1e-4):
-      raise StudyError(f'{s.name}: PixelSpacing {spacing.tolist()} differs from '
+    if not spacing_ok[k]:
+      raise StudyError(f'{s.name}: PixelSpacing {spacings[k].tolist()} differs from '
                        f'{ref_spacing.tolist()} in {ref.name}')
-    if (s.ds.Rows, s.ds.Columns) != (ref.ds.Rows, ref.ds.Columns):
-      raise StudyError(f'{s.name}: matrix {s.ds.Rows}x{s.ds.Columns} differs from '
-                       f'{ref.ds.Rows}x{ref.ds.Columns} in {ref.name}')
+    raise StudyError(f'{s.name}: matrix {s.ds.Rows}x{s.ds.Columns} differs from '
+                     f'{ref.ds.Rows}x{ref.ds.Columns} in {ref.name}')
   row_dir, col_dir = ref.orientation[:3], ref.orientation[3:]
   row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
   normal = np.cross(row_dir, col_dir)
@@ -338,7 +355,8 @@ def _sorted_slices(folder: str, files, warnings: list[str]) -> tuple[list[_Slice
   slices = _drop_duplicates(slices, normal, warnings)
   if len(slices) < 2:
     raise StudyError(f'only {len(slices)} slice(s): a volume needs at least 2')
-  proj = np.array([s.position @ normal for s in slices])
+  positions = np.stack([s.position for s in slices])
+  proj = positions @ normal
   steps = np.abs(np.diff(proj))
   dz = float(np.median(steps))
   worst = int(np.argmax(np.abs(steps - dz)))
@@ -354,9 +372,8 @@ def _sorted_slices(folder: str, files, warnings: list[str]) -> tuple[list[_Slice
     warnings.append(f'slice spacing varies up to {abs(steps[worst] - dz):.3f} mm '
                     f'(median {dz:.3f} mm used)')
   # Slices must stack along the normal: an in-plane drift means gantry tilt or a sheared grid.
-  inplane = [(s.position - slices[0].position) - ((s.position - slices[0].position) @ normal)
-             * normal for s in slices]
-  drift = max(float(np.linalg.norm(d)) for d in inplane)
+  offsets = positions - positions[0]
+  drift = float(np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1).max())
   if drift > 0.5 * float(ref_spacing.min()):
     raise StudyError(f'slice positions drift {drift:.2f} mm in-plane (gantry tilt or sheared '
                      f'geometry), e.g. {slices[-1].name}; not supported')
