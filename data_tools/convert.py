@@ -44,7 +44,6 @@ from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax.data import kaggle
 from cspine_jax.data import store
-from data_tools import dicom
 from data_tools import stages
 
 STATE_DIR = store.CONVERT_STATE  # one finished record per study; the manifest is rebuilt from them
@@ -180,6 +179,8 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
     record['status'] = 'error: ' + (job.get('refused') or 'the study folder name is not a valid '
                                     'DICOM StudyInstanceUID')
     return record
+  # Deferred: only workers read DICOM; the command's own process starts its workers sooner.
+  from data_tools import dicom  # pylint: disable=import-outside-toplevel
   try:
     scan = dicom.scan_series(job['folder'])
     warnings = []  # the study's own, after the reader's

@@ -39,7 +39,6 @@ import secrets
 import shutil
 from typing import Any, Iterable, Iterator, Mapping, TYPE_CHECKING
 
-import imagecodecs
 import numpy as np
 
 if TYPE_CHECKING:
@@ -460,6 +459,8 @@ class _ShardEncoder:
   inner chunk cost more in page faults than the compression itself."""
 
   def __init__(self, dtype: np.dtype, inner, shard, blosc_args: dict):
+    import imagecodecs  # pylint: disable=import-outside-toplevel  # deferred: writers only
+    self.blosc_encode = imagecodecs.blosc_encode
     self.inner, self.shard, self.blosc_args = tuple(inner), tuple(shard), blosc_args
     self.per_shard = [s // i for s, i in zip(shard, inner)]
     # c-blosc is given this little-endian array (it takes the shuffle's element size from it).
@@ -481,7 +482,7 @@ class _ShardEncoder:
       self.chunk[tuple(slice(0, k) for k in part.shape)] = part
       if not self.chunk.any():  # all fill value (0): not stored
         continue
-      size = len(imagecodecs.blosc_encode(self.chunk, **self.blosc_args, out=out[offset:]))
+      size = len(self.blosc_encode(self.chunk, **self.blosc_args, out=out[offset:]))
       index[n] = offset, size
       offset += size
     if not offset:
