@@ -28,6 +28,10 @@ bit-identical to pydicom, which decodes everything else and anything unusual (it
 Slices are ordered by ImagePositionPatient projected on the slice normal (the cross product of
 the ImageOrientationPatient vectors), never by file name or InstanceNumber, and the volume is
 returned with z index 0 the most superior slice.
+
+``read_series`` returns the whole volume. ``scan_series`` stops before the pixels (every check
+done, every file named on error) and ``Scan.decode`` decodes any run of slices into a caller's
+buffer: the converter decodes and writes a volume a slab at a time.
 """
 from __future__ import annotations
 
