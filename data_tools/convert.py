@@ -10,19 +10,20 @@ Writes the data contract of DESIGN.md section 1:
   OUT/segmentations/<UID>/    zarr3 uint8 on the same grid, 1-7 = C1-C7, 0 elsewhere
 
 INPUT is an RSNA root (train_images/, test_images/, segmentations/, train.csv,
-train_bounding_boxes.csv; any may be missing) or a folder whose sub-folders are studies.
-Studies run in parallel worker processes, spawned (never forked: whatever the calling process
-holds, e.g. a TensorStore context, must not cross a fork) and kept warm: each converts study after
-study, and imports neither TensorStore nor SciPy (arrays are written by store.write_shards), so it
-starts in a fraction of a second. Each study is written under a temporary name and moved into
-place when complete; a rerun skips finished studies and retries failed ones, so `kill -9` at any
-time loses nothing: workers die with the command (a rerun waits for any that outlive it), and a
-second command on the same OUTPUT is refused. The command exits 1, after converting everything it
-can, when any study failed (the manifest says why), and 1 before writing anything when INPUT
-holds no study folder or a malformed train.csv / train_bounding_boxes.csv (the message names the
-file, line and column); 2 for a usage error (a missing or bad flag, an INPUT that is not there).
-A study folder not named by a DICOM UID fails and is reported by its position ("study folder #3
-of train_images/"), never by its name.
+train_bounding_boxes.csv; any may be missing) or a folder whose sub-folders are studies. Studies
+run in parallel worker processes, spawned (never forked: whatever the calling process holds, e.g. a
+TensorStore context, must not cross a fork) and kept warm: each converts study after study, and
+imports neither TensorStore nor SciPy (arrays are written by store.ShardWriter), so it starts in a
+fraction of a second. A worker decodes and writes a volume one slab of shards (64 slices) at a time
+into one reused buffer: it never holds a whole volume. Each study is written under a temporary name
+and moved into place when complete; a rerun skips finished studies and retries failed ones, so
+`kill -9` at any time loses nothing: workers die with the command (a rerun waits for any that
+outlive it), and a second command on the same OUTPUT is refused. The command exits 1, after
+converting everything it can, when any study failed (the manifest says why), and 1 before writing
+anything when INPUT holds no study folder or a malformed train.csv / train_bounding_boxes.csv (the
+message names the file, line and column); 2 for a usage error (a missing or bad flag, an INPUT that
+is not there). A study folder not named by a DICOM UID fails and is reported by its position
+("study folder #3 of train_images/"), never by its name.
 """
 from __future__ import annotations
 
