@@ -23,7 +23,6 @@ from cspine_jax import constants
 from cspine_jax import restore
 from cspine_jax import seg_metrics
 from cspine_jax.data import geometry
-from cspine_jax.data import levels
 from cspine_jax.data import manifest as manifest_lib
 from cspine_jax.data import sources
 from cspine_jax.data import store
@@ -194,8 +193,8 @@ def input_for(model: restore.InferenceModel, reader, study
   """(1, z, y, x, C) model input of the whole volume, and the map it was sampled through."""
   cmap = transforms.volume_crop_map(study.shape, study.spacing_mm, study.direction, model.data)
   # From the 2 mm level where the dataset has one (what training crops read), else the volume.
-  hu = levels.sample(lambda kind: reader.reader_for(kind, study.uid), study, cmap,
-                     model.data.pad_hu, use_levels=bool(model.data.get('levels', True)))
+  hu = transforms.sample_image(lambda kind: reader.reader_for(kind, study.uid), study, cmap,
+                              model.data.pad_hu, use_levels=bool(model.data.get('levels', True)))
   return transforms.apply_windows(hu, model.windows)[None], cmap
 
 

@@ -10,16 +10,20 @@ Writes the data contract of DESIGN.md section 1:
   OUT/segmentations/<UID>/    zarr3 uint8 on the same grid, 1-7 = C1-C7, 0 elsewhere
 
 INPUT is an RSNA root (train_images/, test_images/, segmentations/, train.csv,
-train_bounding_boxes.csv; any may be missing) or a folder whose sub-folders are studies.
-Studies run in parallel processes (spawned: TensorStore is never used across fork). Each study is
-written under a temporary name and moved into place when complete; a rerun skips finished studies
-and retries failed ones, so `kill -9` at any time loses nothing: workers die with the command (a
-rerun waits for any that outlive it), and a second command on the same OUTPUT is refused. The
-command exits 1, after converting everything it can, when any study failed (the manifest says
-why), and 1 before writing anything when INPUT holds no study folder or a malformed train.csv /
-train_bounding_boxes.csv (the message names the file, line and column); 2 for a usage error (a
-missing or bad flag, an INPUT that is not there). A study folder not named by a DICOM UID fails
-and is reported by its position ("study folder #3 of train_images/"), never by its name.
+train_bounding_boxes.csv; any may be missing) or a folder whose sub-folders are studies. Studies
+run in parallel worker processes, spawned (never forked: whatever the calling process holds, e.g. a
+TensorStore context, must not cross a fork) and kept warm: each converts study after study, and
+imports neither TensorStore nor SciPy (arrays are written by store.ShardWriter), so it starts in a
+fraction of a second. A worker decodes and writes a volume one slab of shards (64 slices) at a time
+into one reused buffer: it never holds a whole volume. Each study is written under a temporary name
+and moved into place when complete; a rerun skips finished studies and retries failed ones, so
+`kill -9` at any time loses nothing: workers die with the command (a rerun waits for any that
+outlive it), and a second command on the same OUTPUT is refused. The command exits 1, after
+converting everything it can, when any study failed (the manifest says why), and 1 before writing
+anything when INPUT holds no study folder or a malformed train.csv / train_bounding_boxes.csv (the
+message names the file, line and column); 2 for a usage error (a missing or bad flag, an INPUT that
+is not there). A study folder not named by a DICOM UID fails and is reported by its position
+("study folder #3 of train_images/"), never by its name.
 """
 from __future__ import annotations
 
@@ -42,8 +46,7 @@ from cspine_jax import constants
 from cspine_jax.data import kaggle
 from cspine_jax.data import levels
 from cspine_jax.data import store
-from data_tools import dicom
-from data_tools import nifti
+from data_tools import stages
 
 STATE_DIR = store.CONVERT_STATE  # one finished record per study; the manifest is rebuilt from them
 FORMAT_VERSION = 1
@@ -178,76 +181,110 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
     record['status'] = 'error: ' + (job.get('refused') or 'the study folder name is not a valid '
                                     'DICOM StudyInstanceUID')
     return record
+  # Deferred: only workers read DICOM; the command's own process starts its workers sooner.
+  from data_tools import dicom  # pylint: disable=import-outside-toplevel
   try:
-    series = dicom.read_series(job['folder'])
-    warnings = record['warnings']
-    warnings += series.warnings
-    if series.study_uid_tag and series.study_uid_tag != uid:
+    scan = dicom.scan_series(job['folder'])
+    warnings = []  # the study's own, after the reader's
+    if scan.study_uid_tag and scan.study_uid_tag != uid:
       warnings.append('the StudyInstanceUID tag differs from the folder name (folder name used)')
     if labels is not None and labels[0] != max(labels[1:]):
       warnings.append('patient_overall is not the OR of C1-C7 in train.csv')
     geometry = {
-        'shape': list(series.hu.shape),
-        'spacing_mm': [round(v, 6) for v in series.spacing],
-        'origin': [round(v, 6) for v in series.origin],
-        'direction': [[round(v, 8) for v in row] for row in series.direction],
+        'shape': list(scan.shape),
+        'spacing_mm': [round(v, 6) for v in scan.spacing],
+        'origin': [round(v, 6) for v in scan.origin],
+        'direction': [[round(v, 8) for v in row] for row in scan.direction],
     }
     attrs = {**geometry, 'axes': ['z', 'y', 'x'], 'units': 'HU', 'uid': uid,
              'frame': 'LPS; direction rows are the z, y, x axes'}
-    record.update(geometry)
-    record.update({
-        'source_slices': len(series.slice_files),
-        'transfer_syntaxes': series.transfer_syntaxes,
-        'hu_range': [int(series.hu.min()), int(series.hu.max())],
-        'has_segmentation': False, 'vertebra_boxes': {},
-        'fracture_boxes': _fracture_boxes(boxes, series.slice_files, warnings),
-    })
-    mask = None
+    done = dict(record, **geometry, source_slices=len(scan.slice_files),
+                transfer_syntaxes=scan.transfer_syntaxes, has_segmentation=False,
+                vertebra_boxes={}, fracture_boxes=_fracture_boxes(boxes, scan.slice_files,
+                                                                  warnings))
+    mask, labelled = None, []
     if job['segmentation']:
-      seg_name = os.path.basename(job['segmentation'])
-      try:
-        data, affine = nifti.load(job['segmentation'])
-        mask, coverage = nifti.to_grid(data, affine, series.voxel_to_lps(), series.hu.shape)
-        if coverage < 0.5:
-          warnings.append(f'{seg_name}: covers {coverage:.0%} of the volume; its geometry does '
-                          'not match the series, segmentation dropped')
-          mask = None
-        elif coverage < 0.999:
-          warnings.append(f'{seg_name}: covers only {coverage:.1%} of the volume (0 elsewhere)')
-        if mask is not None:
-          unknown = []
-          if mask.min() < 0 or mask.max() > 19:  # cheap check first: np.unique sorts
-            unknown = np.setdiff1d(np.unique(mask), np.arange(20))
-          if len(unknown):
-            warnings.append(f'{seg_name}: unexpected labels {unknown.tolist()[:5]} set to 0')
-          mask = nifti.cervical_labels(mask)
-      except Exception as e:  # pylint: disable=broad-except
-        warnings.append(f'{seg_name}: unreadable NIfTI ({type(e).__name__}: {e}); ignored')
-        mask = None
+      with stages.stage('mask alignment'):
+        mask = _aligned_mask(job['segmentation'], scan, warnings)
 
     for kind in (store.VOLUMES, store.SEGMENTATIONS):
       os.makedirs(os.path.join(out, kind), exist_ok=True)
     # Each array is written under a temporary name and placed whole; the volume goes last, so a
     # placed volume means the study's arrays are complete.
     if mask is not None:
-      store.put_array(out, store.SEGMENTATIONS, uid, mask, {
-          **attrs, 'units': 'label', 'labels': {'0': 'background', **{
-              str(i + 1): v for i, v in enumerate(constants.VERTEBRAE)}}})
-      record['has_segmentation'] = True
-      record['vertebra_boxes'] = store.vertebra_boxes(mask)
+      with stages.stage('zarr3 encode and write'):
+        store.put_array(out, store.SEGMENTATIONS, uid, mask, {
+            **attrs, 'units': 'label', 'labels': {'0': 'background', **{
+                str(i + 1): v for i, v in enumerate(constants.VERTEBRAE)}}})
+      with stages.stage('mask alignment'):
+        done['vertebra_boxes'] = store.vertebra_boxes(mask)
+      with stages.stage('derived levels'):
+        labelled = levels.write_labels(out, uid, mask, scan.spacing, attrs)
+      done['has_segmentation'] = True
+      del mask
     else:
       for kind in (store.SEGMENTATIONS, *store.LABEL_LEVELS):
         store.remove_array(out, kind, uid)  # a mask an earlier run kept
-    # The derived levels (cspine_jax/data/levels.py) before the volume, which goes last.
-    record['levels'] = levels.write(out, uid, series.hu, series.spacing, attrs)
-    if mask is not None:
-      record['levels'] += levels.write_labels(out, uid, mask, series.spacing, attrs)
-    store.put_array(out, store.VOLUMES, uid, series.hu, attrs)
+    done['hu_range'], done['levels'] = _write_volume(scan, out, uid, attrs)
+    done['levels'] += labelled
+    # The reader's warnings (its decoding's last) before the study's, as the manifest had them.
+    done['warnings'] = scan.warnings + warnings
+    record = done
   except dicom.StudyError as e:
     record = _failed(record, str(e))
   except Exception as e:  # pylint: disable=broad-except
     record = _failed(record, f'internal error ({type(e).__name__}: {e})')
   return record
+
+
+def _write_volume(scan: dicom.Scan, out: str, uid: str, attrs: dict
+                  ) -> tuple[list[int], list[str]]:
+  """Decodes the volume one slab (a row of shards, 64 slices) at a time into one reused buffer
+  and writes each as it is done: a worker never holds the whole volume. The derived levels
+  (cspine_jax/data/levels.py) are built from the same slabs and placed before the volume, which
+  goes last. Returns its HU range and the levels' kinds."""
+  derived = levels.VolumeLevels(scan.shape, scan.spacing)
+  with store.new_array(out, store.VOLUMES, uid, scan.shape, np.int16, attrs) as volume:
+    slab = np.empty((volume.slab_depth,) + scan.shape[1:], np.int16)
+    lo, hi = [], []
+    for z in range(0, scan.shape[0], volume.slab_depth):
+      part = slab[:min(volume.slab_depth, scan.shape[0] - z)]
+      low, high = scan.decode(z, part)
+      lo.append(low)
+      hi.append(high)
+      with stages.stage('zarr3 encode and write'):
+        volume.write(z, part)
+      with stages.stage('derived levels'):
+        derived.add(part)
+    with stages.stage('derived levels'):
+      kinds = levels.write_built(out, uid, derived.finish(), attrs)
+  return [min(lo), max(hi)], kinds
+
+
+def _aligned_mask(path: str, scan: dicom.Scan, warnings: list[str]) -> np.ndarray | None:
+  """The NIfTI mask at ``path`` on the series' grid as C1-C7 labels, or None (with a warning)
+  when it is unreadable or does not cover the volume."""
+  from data_tools import nifti  # deferred: nibabel is needed by the studies with a mask only
+  seg_name = os.path.basename(path)
+  try:
+    data, affine = nifti.load(path)
+    mask, coverage = nifti.to_grid(data, affine, scan.voxel_to_lps(), scan.shape)
+    del data  # a memory map of the file: unmapped, so that the peak holds one mask
+    if coverage < 0.5:
+      warnings.append(f'{seg_name}: covers {coverage:.0%} of the volume; its geometry does '
+                      'not match the series, segmentation dropped')
+      return None
+    if coverage < 0.999:
+      warnings.append(f'{seg_name}: covers only {coverage:.1%} of the volume (0 elsewhere)')
+    unknown = []
+    if mask.min() < 0 or mask.max() > 19:  # cheap check first: np.unique sorts
+      unknown = np.setdiff1d(np.unique(mask), np.arange(20))
+    if len(unknown):
+      warnings.append(f'{seg_name}: unexpected labels {unknown.tolist()[:5]} set to 0')
+    return nifti.cervical_labels(mask, out=mask if mask.dtype == np.uint8 else None)
+  except Exception as e:  # pylint: disable=broad-except
+    warnings.append(f'{seg_name}: unreadable NIfTI ({type(e).__name__}: {e}); ignored')
+    return None
 
 
 def _failed(record: dict, message: str) -> dict:
@@ -296,10 +333,11 @@ def _lock_output(out: str):
 def _worker(args):
   job, out, labels, boxes = args
   record = convert_study(job, out, labels, boxes)
-  if is_valid_uid(job['uid']):  # an invalid name never becomes a path
-    if record['status'] != 'ok':
-      _remove_outputs(out, job['uid'])
-    store.JobRecords(out, STATE_DIR).save(record)
+  with stages.stage('manifest and bookkeeping'):
+    if is_valid_uid(job['uid']):  # an invalid name never becomes a path
+      if record['status'] != 'ok':
+        _remove_outputs(out, job['uid'])
+      store.JobRecords(out, STATE_DIR).save(record)
   return record
 
 
@@ -367,10 +405,11 @@ def _run_locked(jobs: list[dict], labels: dict, boxes: dict, out: str, workers: 
       last_manifest = time.monotonic()
 
   crashed = []
-  ctx = multiprocessing.get_context('spawn')
-  pool_args = {'mp_context': ctx, 'initializer': _worker_init, 'initargs': (out, os.getpid())}
-  with concurrent.futures.ProcessPoolExecutor(max(1, workers), **pool_args) as pool:
-    futures = {pool.submit(_worker, a): a for a in args}
+  pool_args = {'mp_context': multiprocessing.get_context('spawn'), 'initializer': _worker_init,
+               'initargs': (out, os.getpid())}
+  # No more workers than studies: each costs a process start and its imports.
+  with concurrent.futures.ProcessPoolExecutor(max(1, min(workers, len(args))), **pool_args) as pool:
+    futures = {pool.submit(_worker, a): a for a in args}  # the workers start here
     for fut in concurrent.futures.as_completed(futures):
       try:
         finish(fut.result())

@@ -20,27 +20,37 @@ The policy for bad input (each raises ``StudyError`` naming the file, or adds a 
 | HU outside int16, or non-integer rescale         | values clipped / rounded, warning            |
 
 Nothing from patient or institution tags is ever read into the result, messages or warnings.
-Pixels are decoded one slice at a time straight from each file (pydicom with its GDCM plugin;
-JPEG Lossless through imagecodecs' libljpeg, ~4x faster, bit-identical, pydicom as fallback).
+Each file's header is parsed once (pydicom, up to the pixel data, whose offset is kept). Pixels are
+then decoded one slice at a time straight into the output volume, on a few threads (the decoders
+and file reads release the GIL): native little-endian pixel data is read from that offset as raw
+bytes, JPEG Lossless through imagecodecs' libjpeg-turbo (its lossless mode; liblj92 second), both
+bit-identical to pydicom, which decodes everything else and anything unusual (its GDCM plugin).
 Slices are ordered by ImagePositionPatient projected on the slice normal (the cross product of
 the ImageOrientationPatient vectors), never by file name or InstanceNumber, and the volume is
 returned with z index 0 the most superior slice.
+
+``read_series`` returns the whole volume. ``scan_series`` stops before the pixels (every check
+done, every file named on error) and ``Scan.decode`` decodes any run of slices into a caller's
+buffer: the converter decodes and writes a volume a slab at a time.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import math
 import os
+import sys
 
 import imagecodecs
 import numpy as np
 import pydicom
-from pydicom.encaps import generate_frames
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
 
 from cspine_jax import cli
+from data_tools import stages
 
 # Axial means the slice normal (row x column of ImageOrientationPatient) within MAX_TILT_DEG of
 # the patient's S axis, and GantryDetectorTilt (when present) within it too; beyond, the study
@@ -68,22 +78,34 @@ class Series:
   transfer_syntaxes: list[str]
   warnings: list[str]
   study_uid_tag: str | None  # the StudyInstanceUID tag (a UID, not a patient identifier)
+  hu_range: tuple[int, int] = (0, 0)  # min and max of hu, found while decoding
 
   def voxel_to_lps(self) -> np.ndarray:
     """4x4 matrix from (z, y, x, 1) voxel indices to LPS millimetres."""
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(self.direction, float).T * np.asarray(self.spacing)[None, :]
-    m[:3, 3] = self.origin
-    return m
+    return _voxel_to_lps(self.direction, self.spacing, self.origin)
+
+
+def _voxel_to_lps(direction, spacing, origin) -> np.ndarray:
+  m = np.eye(4)
+  m[:3, :3] = np.asarray(direction, float).T * np.asarray(spacing)[None, :]
+  m[:3, 3] = origin
+  return m
+
+
+# Slices decoded at once per study: the decoders and file reads release the GIL, so a study uses a
+# second core while the converter's other worker process is between studies or done (or alone,
+# in predict).
+DECODE_THREADS = 2
 
 
 @dataclasses.dataclass
 class _Slice:
   name: str
   path: str
-  ds: pydicom.Dataset
-  position: np.ndarray
-  orientation: np.ndarray
+  ds: pydicom.Dataset  # the header, up to the pixel data
+  position: np.ndarray | None
+  orientation: np.ndarray | None
+  pixel_offset: int | None = None  # where the file's (7FE0,0010) Pixel Data element starts
 
 
 def _floats(value, n: int, what: str, name: str) -> np.ndarray:
@@ -96,8 +118,21 @@ def _floats(value, n: int, what: str, name: str) -> np.ndarray:
   return out
 
 
-def _read_headers(folder: str, warnings: list[str]) -> list[tuple[str, pydicom.Dataset]]:
-  """Parses every file once (pixel data kept for later decoding)."""
+def _ds_floats(ds: pydicom.Dataset, keyword: str, n: int, name: str) -> np.ndarray:
+  """The numbers of a decimal string (DS) tag, as ``_floats``. Parsed from the raw bytes while
+  pydicom has not converted the element: its DS objects validate every number, which was most of
+  the time spent checking a series' geometry."""
+  element = ds.get_item(keyword)
+  if (isinstance(element, RawDataElement) and isinstance(element.value, bytes)
+      and element.VR in (None, 'DS')):  # None: implicit VR, where the dictionary says DS
+    text = element.value.decode('ascii', 'replace').strip(' \0')
+    return _floats(text.split('\\') if text else [], n, keyword, name)
+  return _floats(ds.get(keyword) or [], n, keyword, name)
+
+
+def _read_headers(folder: str,
+                  warnings: list[str]) -> list[tuple[str, pydicom.Dataset, int | None]]:
+  """Parses every file's header once: (name, header, offset of its pixel data element)."""
   try:
     names = sorted(os.listdir(folder))
   except OSError as e:
@@ -107,9 +142,13 @@ def _read_headers(folder: str, warnings: list[str]) -> list[tuple[str, pydicom.D
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
       continue
+    offset = None
     try:
       # Headers only: pixels are decoded one slice at a time later, so memory holds one study.
-      ds = pydicom.dcmread(path, stop_before_pixels=True)
+      # pydicom stops with the file positioned at the pixel data element's tag.
+      with open(path, 'rb') as f:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        offset = f.tell()
     except InvalidDicomError:
       if not name.lower().endswith('.dcm'):
         warnings.append(f'{name}: not a DICOM file, ignored')
@@ -129,17 +168,17 @@ def _read_headers(folder: str, warnings: list[str]) -> list[tuple[str, pydicom.D
         warnings.append(f'{name}: a DICOM file without an image (no SOPClassUID), ignored')
         continue
       raise StudyError(f'{name}: not a readable DICOM file (truncated or corrupt: no SOPClassUID)')
-    out.append((name, ds))
+    out.append((name, ds, offset))
   return out
 
 
-def _choose_series(files, warnings) -> list[tuple[str, pydicom.Dataset]]:
+def _choose_series(files, warnings) -> list[tuple[str, pydicom.Dataset, int | None]]:
   """Keeps the largest axial CT series; says what else was there."""
   if not files:
     raise StudyError('no DICOM file in the study folder')
   groups = collections.defaultdict(list)
-  for name, ds in files:
-    groups[str(ds.get('SeriesInstanceUID', ''))].append((name, ds))
+  for name, ds, offset in files:
+    groups[str(ds.get('SeriesInstanceUID', ''))].append((name, ds, offset))
   candidates, others = [], []
   for uid, members in groups.items():
     ds0 = members[0][1]
@@ -204,30 +243,111 @@ def _numbers(values) -> str:
   return '[' + ', '.join(f'{float(v):.4g}' for v in values) + ']'
 
 
+@dataclasses.dataclass
+class Scan:
+  """A series as its headers describe it, every check passed and no pixel decoded yet: the
+  volume's shape and geometry (as in Series) and its slices, superior first. ``read_series``
+  decodes it whole; the converter a slab at a time (``decode``), never holding all of it."""
+  shape: tuple[int, int, int]  # (z, y, x)
+  spacing: tuple[float, float, float]
+  origin: tuple[float, float, float]
+  direction: tuple
+  slice_files: list[str]
+  transfer_syntaxes: list[str]
+  warnings: list[str]  # decode() adds its own
+  study_uid_tag: str | None
+  slices: list[_Slice] = dataclasses.field(repr=False)
+
+  def voxel_to_lps(self) -> np.ndarray:
+    """4x4 matrix from (z, y, x, 1) voxel indices to LPS millimetres."""
+    return _voxel_to_lps(self.direction, self.spacing, self.origin)
+
+  def decode(self, start: int, out: np.ndarray) -> tuple[int, int]:
+    """Decodes slices [start, start + len(out)) straight into ``out`` (int16 HU, each slice into
+    its plane), DECODE_THREADS at once; returns their min and max HU. Raises StudyError naming
+    the first bad slice in z order."""
+    slices = self.slices[start:start + len(out)]
+    with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
+      futures = [pool.submit(_slice_to_hu, s, out[k]) for k, s in enumerate(slices)]
+      try:
+        done = [f.result() for f in futures]
+      except BaseException:
+        pool.shutdown(cancel_futures=True)  # a bad study: do not decode the rest of it
+        raise
+    for i, warning in enumerate(('non-integer rescale: HU rounded to the nearest integer',
+                                 'HU outside the int16 range were clipped')):
+      if any(d[i] for d in done) and warning not in self.warnings:
+        self.warnings.append(warning)
+    return min(lo for _, _, (lo, _) in done), max(hi for _, _, (_, hi) in done)
+
+
+def scan_series(folder: str) -> Scan:
+  """The main axial CT series of ``folder`` from its headers (every file parsed once, the pixel
+  data left in the files). Raises StudyError naming the bad file."""
+  warnings: list[str] = []
+  with stages.stage('file listing and header parsing'):
+    files = _read_headers(folder, warnings)
+  with stages.stage('sorting and geometry checks'):
+    slices, dz = _sorted_slices(folder, _choose_series(files, warnings), warnings)
+  ref = slices[0]
+  row_dir, col_dir = ref.orientation[:3], ref.orientation[3:]
+  row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
+  dir_z = (slices[-1].position - slices[0].position)
+  dir_z = dir_z / np.linalg.norm(dir_z)
+  ref_spacing = _floats(ref.ds.get('PixelSpacing') or [], 2, 'PixelSpacing', ref.name)
+  study_uid = ref.ds.get('StudyInstanceUID')
+  return Scan(
+      shape=(len(slices), int(ref.ds.Rows), int(ref.ds.Columns)),
+      spacing=(dz, float(ref_spacing[0]), float(ref_spacing[1])),
+      origin=tuple(float(v) for v in slices[0].position),
+      direction=(tuple(dir_z.tolist()), tuple(col_dir.tolist()), tuple(row_dir.tolist())),
+      slice_files=[s.name for s in slices],
+      transfer_syntaxes=sorted({_syntax(s) for s in slices}),
+      warnings=warnings,
+      study_uid_tag=str(study_uid) if study_uid else None,
+      slices=slices)
+
+
 def read_series(folder: str) -> Series:
   """Reads the main axial CT series of ``folder``. Raises StudyError naming the bad file."""
-  warnings: list[str] = []
-  files = _choose_series(_read_headers(folder, warnings), warnings)
+  scan = scan_series(folder)
+  hu = np.empty(scan.shape, np.int16)
+  hu_range = scan.decode(0, hu)
+  return Series(hu=hu, spacing=scan.spacing, origin=scan.origin, direction=scan.direction,
+                slice_files=scan.slice_files, transfer_syntaxes=scan.transfer_syntaxes,
+                warnings=scan.warnings, study_uid_tag=scan.study_uid_tag, hu_range=hu_range)
 
-  slices = []
-  for name, ds in files:
-    slices.append(_Slice(
-        name, os.path.join(folder, name), ds,
-        _floats(ds.ImagePositionPatient, 3, 'ImagePositionPatient', name),
-        _floats(ds.ImageOrientationPatient, 6, 'ImageOrientationPatient', name)))
+
+def _syntax(s: _Slice) -> str:
+  return str(s.ds.file_meta.get('TransferSyntaxUID', 'missing'))
+
+
+def _sorted_slices(folder: str, files, warnings: list[str]) -> tuple[list[_Slice], float]:
+  """(the series' slices superior first, slice spacing) after every geometry check; StudyError
+  naming the file otherwise."""
+  slices = [_Slice(name, os.path.join(folder, name), ds,
+                   _ds_floats(ds, 'ImagePositionPatient', 3, name),
+                   _ds_floats(ds, 'ImageOrientationPatient', 6, name), offset)
+            for name, ds, offset in files]
   ref = slices[0]
-  ref_spacing = _floats(ref.ds.get('PixelSpacing') or [], 2, 'PixelSpacing', ref.name)
-  for s in slices[1:]:
-    if not np.allclose(s.orientation, ref.orientation, atol=1e-4):
+  ref_spacing = _ds_floats(ref.ds, 'PixelSpacing', 2, ref.name)
+  # Every slice against the first, all at once; the first slice that differs is named.
+  orientation_ok = np.isclose(np.stack([s.orientation for s in slices]), ref.orientation,
+                              atol=1e-4).all(axis=1)
+  spacings = np.stack([_ds_floats(s.ds, 'PixelSpacing', 2, s.name) for s in slices])
+  spacing_ok = np.isclose(spacings, ref_spacing, rtol=1e-4).all(axis=1)
+  matrices = [(s.ds.Rows, s.ds.Columns) for s in slices]
+  for k in np.flatnonzero(~orientation_ok | ~spacing_ok
+                          | np.array([m != matrices[0] for m in matrices]))[:1]:
+    s = slices[k]
+    if not orientation_ok[k]:
       raise StudyError(f'{s.name}: ImageOrientationPatient differs from {ref.name} '
                        '(inconsistent orientation within the series)')
-    spacing = _floats(s.ds.get('PixelSpacing') or [], 2, 'PixelSpacing', s.name)
-    if not np.allclose(spacing, ref_spacing, rtol=1e-4):
-      raise StudyError(f'{s.name}: PixelSpacing {spacing.tolist()} differs from '
+    if not spacing_ok[k]:
+      raise StudyError(f'{s.name}: PixelSpacing {spacings[k].tolist()} differs from '
                        f'{ref_spacing.tolist()} in {ref.name}')
-    if (s.ds.Rows, s.ds.Columns) != (ref.ds.Rows, ref.ds.Columns):
-      raise StudyError(f'{s.name}: matrix {s.ds.Rows}x{s.ds.Columns} differs from '
-                       f'{ref.ds.Rows}x{ref.ds.Columns} in {ref.name}')
+    raise StudyError(f'{s.name}: matrix {s.ds.Rows}x{s.ds.Columns} differs from '
+                     f'{ref.ds.Rows}x{ref.ds.Columns} in {ref.name}')
   row_dir, col_dir = ref.orientation[:3], ref.orientation[3:]
   row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
   normal = np.cross(row_dir, col_dir)
@@ -239,7 +359,8 @@ def read_series(folder: str) -> Series:
   slices = _drop_duplicates(slices, normal, warnings)
   if len(slices) < 2:
     raise StudyError(f'only {len(slices)} slice(s): a volume needs at least 2')
-  proj = np.array([s.position @ normal for s in slices])
+  positions = np.stack([s.position for s in slices])
+  proj = positions @ normal
   steps = np.abs(np.diff(proj))
   dz = float(np.median(steps))
   worst = int(np.argmax(np.abs(steps - dz)))
@@ -255,66 +376,175 @@ def read_series(folder: str) -> Series:
     warnings.append(f'slice spacing varies up to {abs(steps[worst] - dz):.3f} mm '
                     f'(median {dz:.3f} mm used)')
   # Slices must stack along the normal: an in-plane drift means gantry tilt or a sheared grid.
-  inplane = [(s.position - slices[0].position) - ((s.position - slices[0].position) @ normal)
-             * normal for s in slices]
-  drift = max(float(np.linalg.norm(d)) for d in inplane)
+  offsets = positions - positions[0]
+  drift = float(np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1).max())
   if drift > 0.5 * float(ref_spacing.min()):
     raise StudyError(f'slice positions drift {drift:.2f} mm in-plane (gantry tilt or sheared '
                      f'geometry), e.g. {slices[-1].name}; not supported')
+  return slices, dz
 
-  hu = np.empty((len(slices), int(ref.ds.Rows), int(ref.ds.Columns)), np.int16)
-  rounded = clipped = False
-  syntaxes = set()
-  for k, s in enumerate(slices):
-    syntaxes.add(str(s.ds.file_meta.get('TransferSyntaxUID', 'missing')))
-    pixels = _decode(s)
-    if pixels.shape != hu.shape[1:]:
-      raise StudyError(f'{s.name}: pixel array {pixels.shape} does not match Rows x Columns')
+
+def _slice_to_hu(s: _Slice, out: np.ndarray) -> tuple[bool, bool, tuple[int, int]]:
+  """Decodes one slice into ``out`` (int16 HU); returns (rounded, clipped, (min, max))."""
+  pixels, bounds = _stored_into(s, out)
+  if pixels.shape != out.shape:
+    raise StudyError(f'{s.name}: pixel array {pixels.shape} does not match Rows x Columns')
+  with stages.stage('HU conversion'):
     slope = float(s.ds.get('RescaleSlope', 1) or 1)
     intercept = float(s.ds.get('RescaleIntercept', 0) or 0)
-    lo, hi = int(pixels.min()), int(pixels.max())
-    fits = -32768 <= lo + intercept and hi + intercept <= 32767
+    rounded = clipped = False
+    if bounds is None or not (-32768 <= bounds[0] + intercept and bounds[1] + intercept <= 32767):
+      # The stored values' possible range does not settle it (e.g. 16 bits unsigned): look.
+      bounds = int(pixels.min()), int(pixels.max())
+    fits = -32768 <= bounds[0] + intercept and bounds[1] + intercept <= 32767
     if slope == 1 and intercept == int(intercept) and fits:
       # Exact and fast: int16 arithmetic wraps modulo 2^16, and the result is known to fit.
-      hu[k] = pixels
-      hu[k] += np.int16(intercept)
-      continue
-    exact = pixels.astype(np.float64) * slope + intercept
-    values = np.rint(exact)
-    rounded |= bool(np.any(values != exact))
-    if values.min() < -32768 or values.max() > 32767:
-      clipped = True
-      values = np.clip(values, -32768, 32767)
-    hu[k] = values
-  if rounded:
-    warnings.append('non-integer rescale: HU rounded to the nearest integer')
-  if clipped:
-    warnings.append('HU outside the int16 range were clipped')
-
-  dir_z = (slices[-1].position - slices[0].position)
-  dir_z = dir_z / np.linalg.norm(dir_z)
-  study_uid = slices[0].ds.get('StudyInstanceUID')
-  return Series(
-      hu=hu,
-      spacing=(dz, float(ref_spacing[0]), float(ref_spacing[1])),
-      origin=tuple(float(v) for v in slices[0].position),
-      direction=(tuple(dir_z.tolist()), tuple(col_dir.tolist()), tuple(row_dir.tolist())),
-      slice_files=[s.name for s in slices],
-      transfer_syntaxes=sorted(syntaxes),
-      warnings=warnings,
-      study_uid_tag=str(study_uid) if study_uid else None)
+      if not np.shares_memory(pixels, out):
+        out[...] = pixels
+      out += np.int16(intercept)
+    else:
+      exact = pixels.astype(np.float64) * slope + intercept
+      values = np.rint(exact)
+      rounded = bool(np.any(values != exact))
+      clipped = bool(values.min() < -32768 or values.max() > 32767)
+      out[...] = np.clip(values, -32768, 32767) if clipped else values
+    return rounded, clipped, (int(out.min()), int(out.max()))
 
 
 _JPEG_LOSSLESS = ('1.2.840.10008.1.2.4.57', '1.2.840.10008.1.2.4.70')
+_IMPLICIT_VR = {'1.2.840.10008.1.2': True, '1.2.840.10008.1.2.1': False}  # native little endian
+# Names in the converter benchmark's per-stage profile.
+_SYNTAX_NAMES = {'1.2.840.10008.1.2': 'Implicit VR Little Endian',
+                 '1.2.840.10008.1.2.1': 'Explicit VR Little Endian',
+                 '1.2.840.10008.1.2.4.57': 'JPEG Lossless',
+                 '1.2.840.10008.1.2.4.70': 'JPEG Lossless'}
+# Little-endian tags: (7FE0,0010) Pixel Data; (FFFE,E000) Item; (FFFE,E0DD) Sequence Delimiter.
+_PIXEL_DATA_TAG = b'\xe0\x7f\x10\x00'
+_ITEM_TAG = b'\xfe\xff\x00\xe0'
+_SEQUENCE_END_TAG = b'\xfe\xff\xdd\xe0'
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_JPEG_END = b'\xff\xd9'  # the EOI marker
+
+
+def _stored_into(s: _Slice, out: np.ndarray) -> tuple[np.ndarray, tuple[int, int] | None]:
+  """(the slice's stored values, the range they can take or None): decoded into ``out``'s memory
+  by the fast paths (the values are then a view of it), else by pydicom into a new array."""
+  syntax = _syntax(s)
+  with stages.stage(f'pixel decode ({_SYNTAX_NAMES.get(syntax, syntax)})'):
+    fast = _fast_stored(s, out.view(np.uint16))
+    if fast is not None:
+      return fast
+    return _pydicom_stored(s), None
 
 
 def _decode(s: _Slice) -> np.ndarray:
   """The slice's stored values (PixelRepresentation applied), read straight from its file."""
-  syntax = str(s.ds.file_meta.get('TransferSyntaxUID', ''))
-  if syntax in _JPEG_LOSSLESS:
-    fast = _decode_jpeg_lossless(s)
-    if fast is not None:
-      return fast
+  fast = _fast_stored(s, np.empty((int(s.ds.Rows), int(s.ds.Columns)), np.uint16))
+  return fast[0] if fast is not None else _pydicom_stored(s)
+
+
+def _fast_stored(s: _Slice, buf: np.ndarray) -> tuple[np.ndarray, tuple[int, int]] | None:
+  """Decodes the stored values into ``buf`` (uint16, Rows x Columns) without pydicom: native
+  little-endian pixel data read from the file at the pixel data offset straight into ``buf``,
+  JPEG Lossless through libjpeg-turbo. Returns (values viewing ``buf``, their possible range), or
+  None for anything unusual, pydicom then decoding it or naming the error: other transfer
+  syntaxes, several frames or samples, not 16 bits allocated, a length, item or marker that is
+  off (a truncated file among them: the JPEG decoders would decode a cut stream silently)."""
+  ds = s.ds
+  syntax = _syntax(s)
+  if s.pixel_offset is None or sys.byteorder != 'little' or (
+      syntax not in _IMPLICIT_VR and syntax not in _JPEG_LOSSLESS):
+    return None
+  try:
+    if (int(ds.get('SamplesPerPixel', 1)) != 1 or int(ds.get('NumberOfFrames', 1) or 1) != 1
+        or int(ds.get('BitsAllocated', 0)) != 16
+        or (int(ds.Rows), int(ds.Columns)) != buf.shape):
+      return None
+    bits = int(ds.get('BitsStored', 16))
+    signed = int(ds.get('PixelRepresentation', 0)) == 1
+    if not 1 <= bits <= 16:
+      return None
+    with open(s.path, 'rb') as f:
+      f.seek(s.pixel_offset)
+      if syntax in _IMPLICIT_VR:
+        ok = _read_native(f, _IMPLICIT_VR[syntax], buf)
+      else:
+        ok = _read_jpeg_lossless(f, buf)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not ok:
+    return None
+  # As pydicom does: bits above BitsStored are not part of the value; signed values are
+  # sign-extended from BitsStored.
+  if signed:
+    values = buf.view(np.int16)
+    if bits < 16:
+      values <<= np.int16(16 - bits)
+      values >>= np.int16(16 - bits)
+    return values, (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+  if bits < 16:
+    buf &= np.uint16((1 << bits) - 1)
+  return buf, (0, (1 << bits) - 1)
+
+
+def _read_native(f, implicit: bool, buf: np.ndarray) -> bool:
+  """Reads native pixel data (``f`` at its element) into ``buf``: the tag, (explicit VR: 'OW' or
+  'OB' and 2 reserved bytes), a 4-byte length that must be exactly ``buf``'s, then the values."""
+  head = f.read(8 if implicit else 12)
+  if head[:4] != _PIXEL_DATA_TAG or (not implicit and head[4:6] not in (b'OW', b'OB')):
+    return False
+  if int.from_bytes(head[-4:], 'little') != buf.nbytes:
+    return False
+  return f.readinto(memoryview(buf).cast('B')) == buf.nbytes
+
+
+def _read_jpeg_lossless(f, buf: np.ndarray) -> bool:
+  """Decodes encapsulated JPEG Lossless pixel data (``f`` at its element) into ``buf``."""
+  head = f.read(12)  # tag, 'OB', 2 reserved bytes, undefined length, then the items
+  if (head[:4] != _PIXEL_DATA_TAG or head[4:6] != b'OB'
+      or int.from_bytes(head[8:12], 'little') != _UNDEFINED_LENGTH):
+    return False
+  frame = _single_frame(f.read())
+  return frame is not None and _jpeg_lossless_into(frame, buf)
+
+
+def _single_frame(items: bytes) -> bytes | None:
+  """The one frame of encapsulated pixel data (``items``: what follows the element's header):
+  the fragments after the Basic Offset Table, joined. None unless every item is whole, the
+  sequence delimiter follows them and the JPEG stream ends with its EOI marker (padding aside):
+  a truncated file is left to pydicom, which names it."""
+  pos, fragments = 0, []
+  while pos + 8 <= len(items):
+    tag, length = items[pos:pos + 4], int.from_bytes(items[pos + 4:pos + 8], 'little')
+    pos += 8
+    if tag == _SEQUENCE_END_TAG:
+      frame = b''.join(fragments[1:])  # fragments[0] is the Basic Offset Table
+      return frame if frame.rstrip(b'\0').endswith(_JPEG_END) else None
+    if tag != _ITEM_TAG or pos + length > len(items):
+      return None
+    fragments.append(items[pos:pos + length])
+    pos += length
+  return None
+
+
+def _jpeg_lossless_into(frame: bytes, buf: np.ndarray) -> bool:
+  """Decodes a JPEG Lossless frame into ``buf``: libjpeg-turbo (lossless since 3.0; ~2x faster
+  than liblj92 on these slices, ~5x pydicom's plugins), liblj92 when it refuses. False when
+  neither fits."""
+  for decode in (imagecodecs.jpeg8_decode, imagecodecs.ljpeg_decode):
+    try:
+      raw = decode(frame, out=buf)  # straight into buf (a frame of another shape raises)
+    except Exception:  # pylint: disable=broad-except
+      continue
+    if raw.shape == buf.shape and raw.dtype.itemsize == 2:
+      if not np.shares_memory(raw, buf):
+        buf[...] = raw.view(np.uint16)
+      return True
+  return False
+
+
+def _pydicom_stored(s: _Slice) -> np.ndarray:
+  """The stored values through pydicom (any transfer syntax it can decode); StudyError if none."""
   try:
     return pixel_array(s.path)
   except Exception as e:  # pylint: disable=broad-except
@@ -333,31 +563,6 @@ def _decode(s: _Slice) -> np.ndarray:
     pass
   raise StudyError(f'{s.name}: pixel data cannot be decoded, truncated or corrupt '
                    f'({type(first).__name__}: {first})')
-
-
-def _decode_jpeg_lossless(s: _Slice) -> np.ndarray | None:
-  """JPEG Lossless through imagecodecs' libljpeg: ~4x faster than pydicom's plugins on these
-  slices (most of the real data). Returns None (pydicom then decodes, or names the error) for
-  anything unusual: several frames or samples, an unexpected shape, a decoder error."""
-  try:
-    ds = s.ds
-    if int(ds.get('SamplesPerPixel', 1)) != 1 or int(ds.get('NumberOfFrames', 1) or 1) != 1:
-      return None
-    full = pydicom.dcmread(s.path)
-    frame = next(generate_frames(full.PixelData, number_of_frames=1))
-    raw = imagecodecs.ljpeg_decode(frame)
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if raw.shape != (int(ds.Rows), int(ds.Columns)) or raw.dtype.itemsize != 2:
-    return None
-  # As pydicom does: bits above BitsStored are not part of the value; signed values are
-  # sign-extended from BitsStored.
-  bits = int(ds.get('BitsStored', 16))
-  raw = raw.view(np.uint16)
-  if int(ds.get('PixelRepresentation', 0)) == 1:
-    shift = np.int16(16 - bits)
-    return (raw.view(np.int16) << shift) >> shift
-  return raw & np.uint16((1 << bits) - 1)
 
 
 def _drop_duplicates(slices: list[_Slice], normal, warnings) -> list[_Slice]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 
+from cspine_jax.data import store
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -39,17 +41,21 @@ def to_grid(data: np.ndarray, affine_ras: np.ndarray, voxel_to_lps: np.ndarray,
                   np.allclose(lin[np.arange(3)[:, None] != src_axis[None, :]], 0, atol=1e-6))
   if axis_aligned:
     # Each source index depends on one target axis only: i_s = a * k_t + b.
-    src = np.transpose(data, src_axis)  # a view: axis t of src moves with target axis t
     coef = np.array([lin[src_axis[t], t] for t in range(3)])
     offset = np.array([m[src_axis[t], 3] for t in range(3)])
-    valid = []
-    for t in range(3):
-      i = np.rint(coef[t] * np.arange(shape[t]) + offset[t]).astype(np.int64)
-      valid.append((i >= 0) & (i < src.shape[t]))
-    coverage = float(np.prod([v.mean() for v in valid]))
+    coverage = float(np.prod([
+        _inside(coef[t], offset[t], shape[t], data.shape[src_axis[t]]).mean() for t in range(3)]))
+    # np.zeros takes zeroed pages from the kernel untouched: only the source's non-zero box is
+    # copied (the neck is a small part of the scan; the rest of the mask is 0 anyway).
     out = np.zeros(shape, data.dtype)
-    if coverage == 0:
-      return out, 0.0
+    box = store.nonzero_box(data) if coverage else None
+    if box is None:
+      return out, coverage
+    src = np.transpose(data[box], src_axis)  # a view: axis t of src moves with target axis t
+    offset = offset - np.array([box[src_axis[t]].start for t in range(3)])
+    valid = [_inside(coef[t], offset[t], shape[t], src.shape[t]) for t in range(3)]
+    if not all(v.any() for v in valid):
+      return out, coverage
     same_step = np.allclose(np.abs(coef), 1, atol=1e-6) and np.allclose(
         offset, np.rint(offset), atol=1e-3)
     if same_step:
@@ -87,10 +93,24 @@ def to_grid(data: np.ndarray, affine_ras: np.ndarray, voxel_to_lps: np.ndarray,
   return out, coverage
 
 
-def cervical_labels(mask: np.ndarray) -> np.ndarray:
-  """The contract's labels: 1-7 = C1-C7, everything else (thoracic 8-19, unknown) -> 0."""
-  if mask.dtype == np.uint8:  # the usual case: one table lookup instead of three passes
+def _inside(coef: float, offset: float, n_target: int, n_source: int) -> np.ndarray:
+  """Which of the n_target indices k land inside the source along one axis (i = coef*k+offset)."""
+  i = np.rint(coef * np.arange(n_target) + offset).astype(np.int64)
+  return (i >= 0) & (i < n_source)
+
+
+def cervical_labels(mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+  """The contract's labels: 1-7 = C1-C7, everything else (thoracic 8-19, unknown) -> 0; into a
+  new array, or into ``out``: ``mask`` itself when it is uint8 (in place)."""
+  out = np.zeros(mask.shape, np.uint8) if out is None else out
+  box = store.nonzero_box(mask)  # only there is there anything to map
+  if box is None:
+    return out
+  part = mask[box]
+  if part.dtype == np.uint8:  # the usual case: one table lookup instead of three passes
     lut = np.zeros(256, np.uint8)
     lut[1:8] = np.arange(1, 8)
-    return lut[mask]
-  return np.where((mask >= 1) & (mask <= 7), mask, 0).astype(np.uint8)
+    out[box] = lut[part]
+  else:
+    out[box] = np.where((part >= 1) & (part <= 7), part, 0)
+  return out

@@ -279,6 +279,67 @@ def test_uid_validation():
     assert not convert.is_valid_uid(bad), bad
 
 
+def test_arrays_are_the_bytes_tensorstore_writes(converted, tmp_path):
+  """The converter writes its arrays without TensorStore (store.write_shards): every file is the
+  one TensorStore writes for the same values and attributes, so datasets converted before read
+  the same and a reconversion is byte-identical to them."""
+  out, records = converted
+  for uid, record in records.items():
+    for kind in (store.VOLUMES, store.SEGMENTATIONS) if record['has_segmentation'] else (
+        store.VOLUMES,):
+      path = store.array_path(out, kind, uid)
+      again = str(tmp_path / kind / uid)
+      store.write_array(again, store.read_array(path), store.read_attributes(path))
+      for folder, _, names in os.walk(again):
+        for name in names:
+          rel = os.path.relpath(os.path.join(folder, name), again)
+          with open(os.path.join(folder, name), 'rb') as f, open(os.path.join(path, rel),
+                                                                 'rb') as g:
+            assert f.read() == g.read(), (kind, uid, rel)
+      assert sum(len(n) for _, _, n in os.walk(again)) == sum(len(n) for _, _, n in os.walk(path))
+
+
+def test_conversion_imports_no_tensorstore_or_scipy(dataset, tmp_path):
+  """What a worker runs (a study with a mask included) and the command around it stay light:
+  importing TensorStore alone costs ~0.5 s, scipy.ndimage ~0.15 s, per process and per run (nibabel
+  imports the scipy package itself, a few ms)."""
+  root, _ = dataset
+  code = ('import json, sys\n'
+          'from data_tools import convert\n'
+          f'records = convert.run({root!r}, {str(tmp_path / "out")!r}, 1, progress=False)\n'
+          f'job = [j for j in convert.discover({root!r}) if j["segmentation"]][0]\n'
+          f'record = convert.convert_study(job, {str(tmp_path / "again")!r}, None, [])\n'
+          'print(json.dumps([record["status"], record["has_segmentation"], sorted(\n'
+          '    m for m in ("tensorstore", "scipy.ndimage", "jax") if m in sys.modules)]))\n')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert json.loads(proc.stdout.splitlines()[-1]) == ['ok', True, []]
+
+
+def test_volume_is_decoded_and_written_a_slab_at_a_time(dataset, tmp_path, monkeypatch):
+  """A worker holds one slab of the volume (a row of shards along z) in one reused buffer, never
+  all of it: the slices are decoded a slab at a time, each slab written before the next."""
+  root, studies = dataset
+  monkeypatch.setattr(store, 'SHARD', (32, 256, 256))  # slabs of 32 slices: several here
+  calls = []
+  decode = dicom.Scan.decode
+
+  def recorded(scan, start, out):
+    calls.append((start, len(out)))
+    return decode(scan, start, out)
+
+  monkeypatch.setattr(dicom.Scan, 'decode', recorded)
+  job = convert.discover(root)[0]
+  record = convert.convert_study(job, str(tmp_path), None, [])
+  assert record['status'] == 'ok'
+  depth = record['shape'][0]
+  assert depth > 32  # two slabs at least
+  assert calls == [(z, min(32, depth - z)) for z in range(0, depth, 32)]
+  volume = store.read_array(store.array_path(str(tmp_path), store.VOLUMES, job['uid']))
+  truth = next(s for s in studies if s.uid == job['uid'])
+  np.testing.assert_array_equal(volume, truth.hu)
+  assert record['hu_range'] == [int(truth.hu.min()), int(truth.hu.max())]
+
+
 def test_manifest_record_fields(converted):
   out, _ = converted
   with open(os.path.join(out, store.MANIFEST)) as f:
@@ -290,21 +351,101 @@ def test_manifest_record_fields(converted):
   assert len(rec['labels']) == len(constants.TARGETS)
 
 
+def _header_slice(path: str) -> dicom._Slice:
+  """A slice as the reader holds it: its header, and where its pixel data element starts."""
+  with open(path, 'rb') as f:
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    return dicom._Slice(os.path.basename(path), path, ds, None, None, f.tell())
+
+
+@pytest.mark.parametrize('syntax', [synthetic.JPEG_LOSSLESS, synthetic.EXPLICIT_VR_LE,
+                                    synthetic.IMPLICIT_VR_LE])
 @pytest.mark.parametrize('storage', sorted(synthetic.STORAGES))
-def test_fast_jpeg_lossless_decoder_equals_pydicom(tmp_path, storage):
-  """imagecodecs' libljpeg path must give exactly pydicom's stored values, sign included."""
-  study = synthetic.make_study(5, 0, 32, storage=storage,
-                               transfer_syntax=synthetic.JPEG_LOSSLESS)
+def test_fast_decoders_equal_pydicom(tmp_path, storage, syntax):
+  """The paths without pydicom (raw bytes read at the pixel data offset; libjpeg-turbo) are
+  taken for every storage and give exactly pydicom's stored values, dtype and sign included."""
+  study = synthetic.make_study(5, 0, 32, storage=storage, transfer_syntax=syntax)
   synthetic.write_study(study, str(tmp_path), 'train', None)
   folder = tmp_path / 'train_images' / study.uid
   for name in sorted(os.listdir(folder))[:3]:
-    path = str(folder / name)
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    fast = dicom._decode_jpeg_lossless(dicom._Slice(name, path, ds, None, None))
-    assert fast is not None
-    ref = pydicom.dcmread(path).pixel_array
-    assert fast.dtype == ref.dtype
-    np.testing.assert_array_equal(fast, ref)
+    s = _header_slice(str(folder / name))
+    fast = dicom._fast_stored(s, np.empty((32, 32), np.uint16))
+    assert fast is not None  # the fast path, not the fallback
+    ref = pydicom.dcmread(str(folder / name)).pixel_array
+    assert fast[0].dtype == ref.dtype
+    np.testing.assert_array_equal(fast[0], ref)
+    assert fast[1][0] <= ref.min() and ref.max() <= fast[1][1]  # the range it claims
+
+
+@pytest.mark.parametrize('signed', [0, 1])
+def test_fast_native_path_ignores_bits_above_bits_stored(tmp_path, signed):
+  """Bits above BitsStored (an overlay, junk) are not part of the value: masked (unsigned) or
+  sign-extended from BitsStored (signed), as pydicom does."""
+  study = synthetic.make_study(5, 0, 32, storage='signed12' if signed else 'unsigned12',
+                               transfer_syntax=synthetic.EXPLICIT_VR_LE)
+  synthetic.write_study(study, str(tmp_path), 'train', None)
+  folder = tmp_path / 'train_images' / study.uid
+  path = str(folder / sorted(os.listdir(folder))[0])
+  ds = pydicom.dcmread(path)
+  raw = np.frombuffer(ds.PixelData, np.uint16).copy()
+  raw[::3] |= np.uint16(0xA000)  # junk in bits 13 and 15
+  ds.PixelData = raw.tobytes()
+  ds.save_as(path)
+  fast = dicom._fast_stored(_header_slice(path), np.empty((32, 32), np.uint16))
+  ref = pydicom.dcmread(path).pixel_array
+  assert fast is not None and fast[0].dtype == ref.dtype
+  np.testing.assert_array_equal(fast[0], ref)
+  assert -2048 <= int(fast[0].min()) and int(fast[0].max()) <= 4095
+
+
+@pytest.mark.parametrize('keep', [0.5, 0.98])
+def test_truncated_jpeg_lossless_slice_fails_naming_it(tmp_path, keep):
+  """libjpeg-turbo and liblj92 decode a cut JPEG stream without complaint: the fast path must
+  refuse a file whose items end early, so that the study fails naming the file, as before."""
+  study = synthetic.make_study(5, 0, 32, transfer_syntax=synthetic.JPEG_LOSSLESS)
+  synthetic.write_study(study, str(tmp_path), 'train', None)
+  folder = tmp_path / 'train_images' / study.uid
+  name = sorted(os.listdir(folder))[2]
+  start = _header_slice(str(folder / name)).pixel_offset
+  with open(folder / name, 'r+b') as f:  # cut inside the pixel data: the header stays whole
+    f.truncate(start + int((os.path.getsize(folder / name) - start) * keep))
+  assert dicom._fast_stored(_header_slice(str(folder / name)),
+                            np.empty((32, 32), np.uint16)) is None
+  with pytest.raises(dicom.StudyError, match=f'{name}: pixel data cannot be decoded'):
+    dicom.read_series(str(folder))
+
+
+@pytest.mark.parametrize('raw', [b'-89.2989\\-78.89\\42.5011 ', b'1e2\\ -3.5\\+4\x00',
+                                 b'0\\0\\0'])
+def test_decimal_strings_read_raw_equal_pydicom(tmp_path, raw):
+  """Geometry tags are parsed from their raw bytes (pydicom's DS objects were most of the
+  geometry checks' time): the same numbers as pydicom's, in explicit and implicit VR files."""
+  study = synthetic.make_study(5, 0, 32, transfer_syntax=synthetic.IMPLICIT_VR_LE)
+  synthetic.write_study(study, str(tmp_path), 'train', None)
+  folder = tmp_path / 'train_images' / study.uid
+  path = str(folder / sorted(os.listdir(folder))[0])
+  for syntax in (pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian):
+    ds = pydicom.dcmread(path)
+    ds.ImagePositionPatient = raw.decode('ascii').strip('\x00 ').split('\\')
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(path)
+    header = _header_slice(path).ds
+    assert isinstance(header.get_item('ImagePositionPatient'), pydicom.dataelem.RawDataElement)
+    np.testing.assert_array_equal(
+        dicom._ds_floats(header, 'ImagePositionPatient', 3, 'x.dcm'),
+        [float(v) for v in pydicom.dcmread(path).ImagePositionPatient])
+
+
+def test_a_slice_without_position_fails_naming_it(tmp_path):
+  study = synthetic.make_study(5, 0, 32, transfer_syntax=synthetic.EXPLICIT_VR_LE)
+  synthetic.write_study(study, str(tmp_path), 'train', None)
+  folder = tmp_path / 'train_images' / study.uid
+  name = sorted(os.listdir(folder))[3]
+  ds = pydicom.dcmread(str(folder / name))
+  del ds.ImagePositionPatient
+  ds.save_as(str(folder / name))
+  with pytest.raises(dicom.StudyError, match=f'{name}: ImagePositionPatient must have 3 finite'):
+    dicom.scan_series(str(folder))
 
 
 def test_files_without_preamble_or_file_meta(tmp_path):

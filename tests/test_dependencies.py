@@ -1,6 +1,6 @@
 """setup.cfg against the code: every requirement bounded above and installed within its bounds,
 every import of the package declared, nothing declared that nothing imports; and the JPEG
-Lossless decoders the DICOM reader relies on (libljpeg, pydicom's GDCM plugin as the fallback)
+Lossless decoders the DICOM reader relies on (libjpeg-turbo, pydicom's GDCM plugin as the fallback)
 agree, without pylibjpeg."""
 import ast
 import configparser
@@ -24,7 +24,8 @@ PACKAGE_DIRS = ('cspine_jax', 'data_tools', 'configs')
 FIRST_PARTY = {'cspine_jax', 'data_tools', 'configs', 'tests'}
 # Import name -> distribution name, for every third-party module the code imports.
 DISTRIBUTIONS = {
-    'absl': 'absl-py', 'flax': 'flax', 'gdcm': 'python-gdcm', 'grain': 'grain',
+    'absl': 'absl-py', 'dcm2niix': 'dcm2niix', 'flax': 'flax', 'gdcm': 'python-gdcm',
+    'grain': 'grain',
     'highdicom': 'highdicom', 'imagecodecs': 'imagecodecs', 'jax': 'jax',
     'ml_collections': 'ml-collections',
     'monai': 'monai', 'nibabel': 'nibabel', 'numpy': 'numpy', 'optax': 'optax',
@@ -146,8 +147,9 @@ def test_every_import_of_the_tests_is_in_the_test_extra():
 
 @pytest.mark.parametrize('storage', ['signed12', 'unsigned12'])
 def test_jpeg_lossless_decoders_agree_without_pylibjpeg(tmp_path, storage):
-  """The reader's two JPEG Lossless paths: libljpeg (imagecodecs) first, pydicom's GDCM plugin
-  as the fallback (its first choice; pylibjpeg, no longer required, would only come after)."""
+  """The reader's two JPEG Lossless paths: libjpeg-turbo (imagecodecs) first, pydicom's GDCM
+  plugin as the fallback (its first choice; pylibjpeg, no longer required, would only come
+  after)."""
   assert 'gdcm' in JPEGLosslessSV1Decoder.available_plugins  # pydicom registers it first
   study = synthetic.make_study(5, 0, 32, storage=storage,
                                transfer_syntax=synthetic.JPEG_LOSSLESS)
@@ -155,11 +157,13 @@ def test_jpeg_lossless_decoders_agree_without_pylibjpeg(tmp_path, storage):
   folder = tmp_path / 'train_images' / study.uid
   name = sorted(os.listdir(folder))[len(os.listdir(folder)) // 2]
   path = str(folder / name)
-  ds = pydicom.dcmread(path, stop_before_pixels=True)
+  with open(path, 'rb') as f:
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    s = dicom._Slice(name, path, ds, None, None, f.tell())
   assert ds.file_meta.TransferSyntaxUID == synthetic.JPEG_LOSSLESS
-  fast = dicom._decode_jpeg_lossless(dicom._Slice(name, path, ds, None, None))
+  fast, _ = dicom._fast_stored(s, np.empty((32, 32), np.uint16))
   gdcm_values = pixel_array(path, decoding_plugin='gdcm')
-  assert fast is not None and fast.dtype == gdcm_values.dtype
+  assert fast.dtype == gdcm_values.dtype
   np.testing.assert_array_equal(fast, gdcm_values)
   assert np.unique(fast).size > 10  # a real image, not a constant
 

@@ -109,7 +109,7 @@ def test_level_crops_are_closer_to_full_resolution_than_a_quarter_voxel_shift(ct
     cmap, _ = transforms.region_crop_map(study, cfg, aug)
     assert levels.choose(study, cmap) == 'volumes_1mm'
     full = geometry.resample(read_for(store.VOLUMES), study.shape, cmap, cfg.pad_hu)
-    level = levels.sample(read_for, study, cmap, cfg.pad_hu)
+    level = transforms.sample_image(read_for, study, cmap, cfg.pad_hu)
     moved = geometry.resample(read_for(store.VOLUMES), study.shape, geometry.CropMap(
         cmap.matrix, cmap.offset + cmap.matrix @ np.full(3, 0.25), cmap.shape, cmap.pool,
         cmap.step), cfg.pad_hu)
@@ -143,8 +143,8 @@ def test_localizer_labels_from_the_label_level_match_the_full_mask(ct):
   read_for = lambda kind: reader.reader_for(kind, study.uid)
   cmap = transforms.volume_crop_map(study.shape, study.spacing_mm, study.direction, cfg)
   assert levels.choose(study, cmap, store.LABEL_LEVELS) == 'segmentations_2mm'
-  level = levels.sample_labels(read_for, study, store.SEGMENTATIONS, cmap)
-  full = levels.sample_labels(read_for, study, store.SEGMENTATIONS, cmap, use_levels=False)
+  level = transforms.sample_labels(read_for, study, store.SEGMENTATIONS, cmap)
+  full = transforms.sample_labels(read_for, study, store.SEGMENTATIONS, cmap, use_levels=False)
   assert (full > 0).sum() > 100
   # Labels move by at most 1 mm (half a level voxel): they differ only along label borders.
   borders = ndi.binary_dilation(ndi.morphological_gradient(full, size=3) > 0)

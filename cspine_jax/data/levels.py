@@ -6,32 +6,34 @@ A training crop rarely wants the scanner's resolution: `configs/vit_b2.py` sampl
 of (1.25, 1, 1) mm, which at 0.7 x 0.35 x 0.35 mm spans ~30 M source voxels (60 MB of int16) to
 read, decompress and anti-alias for 2 M outputs. The converter therefore writes, beside every
 volume, the same scan on coarser grids (``store.VOLUME_LEVELS``); a crop reads the coarsest level
-that is at most ``SLACK`` times coarser than its finest output spacing (``choose``), ~10x fewer
-voxels, and the full-resolution volume stays the reference (DESIGN.md section 1).
+that is at most ``SLACK`` times coarser than its finest output spacing (``choose``; the crop
+itself: transforms.sample_image), ~10x fewer voxels, and the full-resolution volume stays the
+reference (DESIGN.md section 1).
 
 Grid of a level of L mm: the volume's origin and direction, spacing L on every axis, level
 voxel j at volume index i = j * L / s (s the volume's spacing), ``level_shape`` voxels: the last
 one at or before the volume's last voxel centre. Values: the volume averaged over cells of
 floor(L / s) voxels per axis (cells anchored at index 0; the last, partial cell averages what it
-has), then linearly interpolated at the level's voxel centres, rounded to int16 HU. The 2 mm
-level is computed the same way from the 1 mm one. Done in slabs of z, so memory stays ~ the
-volume plus a few dozen slices, and deterministic: the converter's output stays byte-identical.
+has), then linearly interpolated at the level's voxel centres (clamped at the edges), rounded to
+int16 HU. The 2 mm level is computed the same way from the 1 mm one.
+
+``LevelBuilder`` takes the volume a slab of z at a time, in order, as the converter decodes it
+(numpy only: converter workers import no SciPy or TensorStore), keeps only the few pooled planes
+its next level slices need, and is deterministic: the converter's output stays byte-identical,
+and ``data_tools.levels`` computes the same bytes from a volume on disk.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
-import scipy.ndimage as ndi
 
-from cspine_jax.data import geometry
 from cspine_jax.data import store
 
 # A level is used for a crop whose finest output spacing is at least L / SLACK: a crop zoomed to
 # 0.9 mm (augment.scale 0.1 of vit_b2's 1 mm) reads the 1 mm level, not 30 M voxels at 0.35 mm.
 SLACK = 1.25
-SLAB = 32  # level slices computed at once (memory: ~SLAB * L / s_z source slices in float32)
+SLAB = 64  # volume slices handed to a LevelBuilder at once when reading from disk
 
 # Upgrading a dataset converted before levels existed (named in every message about it).
 UPGRADE_COMMAND = 'python -m data_tools.levels --data={root}'
@@ -48,9 +50,9 @@ def index_scale(spacing_mm, level_mm: float) -> np.ndarray:
   return np.asarray(spacing_mm, float) / float(level_mm)
 
 
-def choose(study, cmap: geometry.CropMap, kinds=None) -> str | None:
+def choose(study, cmap, kinds=None) -> str | None:
   """The coarsest level of ``study`` (among ``kinds``: name -> mm, default the volume levels) to
-  read ``cmap`` from, or None (the full-resolution array).
+  read the crop ``cmap`` (a geometry.CropMap) from, or None (the full-resolution array).
 
   ``cmap.step`` (input voxels per output voxel along each input axis) times the volume's spacing
   is the crop's output spacing in mm there; a level qualifies when L <= SLACK * its minimum, and
@@ -74,96 +76,160 @@ def choose(study, cmap: geometry.CropMap, kinds=None) -> str | None:
   return best
 
 
-def sample(read_for: Callable[[str], Callable], study, cmap: geometry.CropMap, pad_value: float,
-           use_levels: bool = True) -> np.ndarray:
-  """``geometry.resample`` of ``cmap`` from the best level (``choose``), else the full volume.
-
-  ``read_for(kind)`` gives the ``read(lo, hi)`` of that array of the study.
-  """
-  kind = choose(study, cmap) if use_levels else None
-  if kind is None:
-    return geometry.resample(read_for(store.VOLUMES), study.shape, cmap, pad_value)
-  level_mm = store.VOLUME_LEVELS[kind]
-  return geometry.resample(read_for(kind), level_shape(study.shape, study.spacing_mm, level_mm),
-                           geometry.rescale(cmap, index_scale(study.spacing_mm, level_mm)),
-                           pad_value)
-
-
-def sample_labels(read_for: Callable[[str], Callable], study, kind: str,
-                  cmap: geometry.CropMap, use_levels: bool = True) -> np.ndarray:
-  """Nearest-neighbour labels of ``cmap`` from mask ``kind``: the true mask's 2 mm level where
-  the crop is coarse enough for it (its labels then sit up to 1 mm from where the full mask
-  has them), else the full-resolution mask."""
-  level = (choose(study, cmap, store.LABEL_LEVELS)
-           if use_levels and kind == store.SEGMENTATIONS else None)
-  if level is None:
-    return geometry.resample(read_for(kind), study.shape, cmap, 0, order=0)
-  level_mm = store.LABEL_LEVELS[level]
-  return geometry.resample(read_for(level), level_shape(study.shape, study.spacing_mm, level_mm),
-                           geometry.rescale(cmap, index_scale(study.spacing_mm, level_mm)), 0,
-                           order=0)
-
-
 # ---------------------------------------------------------------------------------------------
 # Building the levels (the converter, and data_tools.levels for older datasets).
 # ---------------------------------------------------------------------------------------------
 
 
-def _cell_means(block: np.ndarray, pool) -> np.ndarray:
-  """Float32 means over cells of ``pool`` voxels anchored at the block's index 0 (the last cell
-  of an axis may be partial: the mean of the voxels it has)."""
-  out = block
-  for axis, p in enumerate(pool):
-    if p <= 1:
-      continue
-    n = out.shape[axis]
-    cells = -(-n // p)
-    shape = list(out.shape)
-    shape[axis] = cells
-    acc = np.zeros(shape, np.float32)
-    count = np.zeros(cells, np.float32)
-    for j in range(p):
-      src = [slice(None)] * 3
-      src[axis] = slice(j, n, p)
-      view = out[tuple(src)]
-      k = view.shape[axis]
-      dst = [slice(None)] * 3
-      dst[axis] = slice(0, k)
-      acc[tuple(dst)] += view
-      count[:k] += 1
-    acc /= count.reshape([-1 if d == axis else 1 for d in range(3)])
-    out = acc
-  return out.astype(np.float32, copy=False)
+def _linear(n_out: int, zoom: float, shift: float, n_in: int):
+  """(lower index, upper index, upper weight) of linear interpolation at c = j * zoom + shift,
+  j < n_out, on n_in samples, clamped at both ends."""
+  c = np.arange(n_out) * zoom + shift
+  lo = np.floor(c)
+  w = (c - lo).astype(np.float32)
+  lo = lo.astype(int)
+  return np.clip(lo, 0, n_in - 1), np.clip(lo + 1, 0, n_in - 1), w
+
+
+def _interp(a: np.ndarray, axis: int, lo, hi, w) -> np.ndarray:
+  shape = [1] * a.ndim
+  shape[axis] = -1
+  w = w.reshape(shape)
+  out = np.take(a, lo, axis=axis)
+  out *= 1.0 - w
+  out += np.take(a, hi, axis=axis) * w
+  return out
+
+
+def _cell_means(block: np.ndarray, axis: int, p: int) -> np.ndarray:
+  """Float32 means over cells of ``p`` voxels along ``axis`` anchored at index 0 (the last cell
+  may be partial: the mean of the voxels it has)."""
+  n = block.shape[axis]
+  cells = -(-n // p)
+  shape = list(block.shape)
+  shape[axis] = cells
+  acc = np.zeros(shape, np.float32)
+  count = np.zeros(cells, np.float32)
+  for j in range(p):
+    src = [slice(None)] * block.ndim
+    src[axis] = slice(j, n, p)
+    view = block[tuple(src)]
+    k = view.shape[axis]
+    dst = [slice(None)] * block.ndim
+    dst[axis] = slice(0, k)
+    acc[tuple(dst)] += view
+    count[:k] += 1
+  acc /= count.reshape([-1 if d == axis else 1 for d in range(block.ndim)])
+  return acc
+
+
+class LevelBuilder:
+  """One level of a volume, fed slab by slab in z order (``add``), complete after ``finish``.
+
+  Per z cell (floor(L / s_z) slices), the in-plane cell means are taken and interpolated onto the
+  level's (y, x) grid at once: only that plane is kept; level slice j interpolates the two planes
+  around it, and planes no later slice needs are dropped. Memory: the level plus a few planes.
+  """
+
+  def __init__(self, shape, spacing_mm, level_mm: float):
+    s = np.asarray(spacing_mm, float)
+    self.shape = level_shape(shape, s, level_mm)
+    self._volume_shape = tuple(int(n) for n in shape)
+    step = level_mm / s  # volume voxels per level voxel
+    self._pool = tuple(int(max(1, math.floor(v + 1e-6))) for v in step)
+    p = np.asarray(self._pool, float)
+    # Pooled cell q is centred at volume index q * p + (p - 1) / 2, so level voxel j (volume
+    # index j * step) sits at pooled coordinate j * step / p - (p - 1) / (2 p).
+    zoom, shift = step / p, -(p - 1.0) / (2.0 * p)
+    cells = [-(-n // int(q)) for n, q in zip(shape, self._pool)]
+    self._z = _linear(self.shape[0], zoom[0], shift[0], cells[0])
+    self._y = _linear(self.shape[1], zoom[1], shift[1], cells[1])
+    self._x = _linear(self.shape[2], zoom[2], shift[2], cells[2])
+    self._out = np.empty(self.shape, np.int16)
+    self._planes: dict[int, np.ndarray] = {}  # z cell -> its (y, x) plane on the level grid
+    self._pending = []  # slices of the z cell being filled
+    self._next_cell = 0
+    self._next_slice = 0  # level slices written so far
+    self._seen = 0
+
+  def _plane(self, cell: np.ndarray) -> np.ndarray:
+    """(pz, y, x) slices -> their mean on the level's (y, x) grid, float32."""
+    plane = cell.astype(np.float32).mean(axis=0) if len(cell) > 1 else cell[0].astype(np.float32)
+    for axis, (p, lin) in enumerate(((self._pool[1], self._y), (self._pool[2], self._x))):
+      if p > 1:
+        plane = _cell_means(plane, axis, p)
+      plane = _interp(plane, axis, *lin)
+    return plane
+
+  def _emit(self, final: bool) -> None:
+    lo, hi, w = self._z
+    while self._next_slice < self.shape[0]:
+      j = self._next_slice
+      if not final and hi[j] >= self._next_cell:
+        return  # its upper plane is not complete yet
+      a, b = self._planes[lo[j]], self._planes[hi[j]]
+      value = a * (1.0 - w[j]) + b * w[j]
+      np.rint(value, out=value)
+      self._out[j] = np.clip(value, -32768, 32767).astype(np.int16)
+      self._next_slice += 1
+      keep = lo[self._next_slice] if self._next_slice < self.shape[0] else self._next_cell
+      for q in [q for q in self._planes if q < keep]:
+        del self._planes[q]
+
+  def add(self, slab: np.ndarray) -> None:
+    """The next ``len(slab)`` slices of the volume (z order)."""
+    pz = self._pool[0]
+    for k in range(len(slab)):
+      self._pending.append(slab[k])
+      if len(self._pending) == pz:
+        self._planes[self._next_cell] = self._plane(np.stack(self._pending))
+        self._pending = []
+        self._next_cell += 1
+    self._seen += len(slab)
+    self._emit(final=False)
+
+  def finish(self) -> np.ndarray:
+    """The int16 level, once every slice was added."""
+    if self._seen != self._volume_shape[0]:
+      raise ValueError(f'LevelBuilder got {self._seen} of {self._volume_shape[0]} slices')
+    if self._pending:  # the last, partial z cell
+      self._planes[self._next_cell] = self._plane(np.stack(self._pending))
+      self._pending = []
+      self._next_cell += 1
+    self._emit(final=True)
+    return self._out
+
+
+class VolumeLevels:
+  """Every level of ``store.VOLUME_LEVELS`` from one pass over the volume (slabs in z order):
+  the finest from the volume, each coarser one from the finest level when it is done."""
+
+  def __init__(self, shape, spacing_mm):
+    ordered = sorted(store.VOLUME_LEVELS.items(), key=lambda kv: kv[1])
+    self._spacing = tuple(float(v) for v in spacing_mm)
+    self._first = ordered[0]
+    self._rest = ordered[1:]
+    self._builder = LevelBuilder(shape, spacing_mm, self._first[1])
+
+  def add(self, slab: np.ndarray) -> None:
+    self._builder.add(slab)
+
+  def finish(self) -> dict[str, np.ndarray]:
+    out = {self._first[0]: self._builder.finish()}
+    source, source_mm = out[self._first[0]], self._first[1]
+    for kind, level_mm in self._rest:
+      out[kind] = downsample(source, (source_mm,) * 3, level_mm)
+      source, source_mm = out[kind], level_mm
+    return out
 
 
 def downsample(volume, spacing_mm, level_mm: float) -> np.ndarray:
-  """The int16 level of ``volume`` (module docstring), computed in slabs of z.
-
-  ``volume``: an array, or anything with ``shape`` whose ``[z0:z1]`` gives those slices as numpy
-  (``SlabReader``: a volume on disk is never read whole).
-  """
-  s = np.asarray(spacing_mm, float)
-  shape = level_shape(volume.shape, s, level_mm)
-  step = level_mm / s  # volume voxels per level voxel
-  pool = tuple(int(max(1, math.floor(v + 1e-6))) for v in step)
-  # Pooled cell q is centred at volume index q * p + (p - 1) / 2, so level voxel j (volume
-  # index j * step) sits at pooled coordinate (j * step - (p - 1) / 2) / p.
-  p = np.asarray(pool, float)
-  zoom = step / p
-  shift = -(p - 1.0) / 2.0 / p
-  out = np.empty(shape, np.int16)
-  for j0 in range(0, shape[0], SLAB):
-    j1 = min(shape[0], j0 + SLAB)
-    # Pooled z cells this slab interpolates between, and the volume slices they average.
-    q_lo = max(0, int(math.floor(j0 * zoom[0] + shift[0])))
-    q_hi = min(-(-volume.shape[0] // pool[0]), int(math.floor((j1 - 1) * zoom[0] + shift[0])) + 2)
-    pooled = _cell_means(np.asarray(volume[q_lo * pool[0]:q_hi * pool[0]]), pool)
-    offset = np.array([j0 * zoom[0] + shift[0] - q_lo, shift[1], shift[2]])
-    slab = ndi.affine_transform(pooled, zoom, offset=offset, output_shape=(j1 - j0,) + shape[1:],
-                                order=1, mode='nearest', prefilter=False, output=np.float32)
-    np.rint(slab, out=slab)
-    out[j0:j1] = np.clip(slab, -32768, 32767).astype(np.int16)
-  return out
+  """The int16 level of ``volume``: an array, or anything with ``shape`` whose ``[z0:z1]`` gives
+  those slices as numpy (``SlabReader``), read ``SLAB`` slices at a time."""
+  builder = LevelBuilder(volume.shape, spacing_mm, level_mm)
+  for z in range(0, volume.shape[0], SLAB):
+    builder.add(np.asarray(volume[z:z + SLAB]))
+  return builder.finish()
 
 
 class SlabReader:
@@ -174,17 +240,16 @@ class SlabReader:
     self.shape = tuple(int(n) for n in self._array.shape)
 
   def __getitem__(self, z: slice) -> np.ndarray:
-    return self._array[z].read().result()
+    z0, z1, _ = z.indices(self.shape[0])  # TensorStore refuses a slice past the end
+    return self._array[z0:z1].read().result()
 
 
 def build(volume, spacing_mm) -> dict[str, np.ndarray]:
-  """Every level of ``store.VOLUME_LEVELS`` (finest first, each from the one before)."""
-  out = {}
-  source, source_spacing = volume, tuple(float(v) for v in spacing_mm)
-  for kind, level_mm in sorted(store.VOLUME_LEVELS.items(), key=lambda kv: kv[1]):
-    out[kind] = downsample(source, source_spacing, level_mm)
-    source, source_spacing = out[kind], (level_mm,) * 3
-  return out
+  """Every level of ``store.VOLUME_LEVELS`` of ``volume`` (an array or a ``SlabReader``)."""
+  levels = VolumeLevels(volume.shape, spacing_mm)
+  for z in range(0, volume.shape[0], SLAB):
+    levels.add(np.asarray(volume[z:z + SLAB]))
+  return levels.finish()
 
 
 def downsample_labels(mask: np.ndarray, spacing_mm, level_mm: float) -> np.ndarray:
@@ -202,13 +267,17 @@ def attributes(source_attrs: dict, level_mm: float, level_of: str = store.VOLUME
           'level_mm': float(level_mm)}
 
 
-def write(root: str, uid: str, volume, spacing_mm, volume_attrs: dict) -> list[str]:
-  """Writes every volume level of one study (each whole or not at all); returns their kinds."""
-  kinds = []
-  for kind, array in build(volume, spacing_mm).items():
+def write_built(root: str, uid: str, built: dict[str, np.ndarray], volume_attrs: dict
+                ) -> list[str]:
+  """Writes levels computed by ``VolumeLevels``/``build`` (each whole or not at all)."""
+  for kind, array in built.items():
     store.put_array(root, kind, uid, array, attributes(volume_attrs, store.VOLUME_LEVELS[kind]))
-    kinds.append(kind)
-  return kinds
+  return list(built)
+
+
+def write(root: str, uid: str, volume, spacing_mm, volume_attrs: dict) -> list[str]:
+  """Computes and writes every volume level of one study; returns their kinds."""
+  return write_built(root, uid, build(volume, spacing_mm), volume_attrs)
 
 
 def write_labels(root: str, uid: str, mask: np.ndarray, spacing_mm, mask_attrs: dict

@@ -21,24 +21,30 @@ bytes (66 -> 90 MiB); crops are decode-bound, disk is cheap (`python -m data_too
 --chunks`). Geometry lives in the array's attributes. TensorStore must never be used across
 ``fork()``: callers open arrays inside the process (or thread) that reads them.
 
-This module imports no JAX or Flax: the offline tools (data_tools/) import it and stay light.
+Arrays are written by ``ShardWriter`` (numpy and imagecodecs' c-blosc, whole shards, slab by slab
+along z: the bytes TensorStore writes for the same spec, tested) and read through TensorStore.
+
+This module imports no JAX or Flax, and TensorStore and SciPy only inside the functions that use
+them (importing TensorStore costs ~0.5 s, most of it ml_dtypes): the converter's processes write
+arrays without them and start fast.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
 import shutil
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping, TYPE_CHECKING
 
 import numpy as np
-from scipy import ndimage
-# Importing TensorStore starts no thread and opens nothing, so the module itself is safe to
-# import in a parent that later forks. What must never cross a fork() is an open ts.Context or
-# array handle: create those (shared_context, open_array) in the process that uses them.
-import tensorstore as ts
+
+if TYPE_CHECKING:
+  import tensorstore as ts
 
 from cspine_jax import constants
 
@@ -63,7 +69,7 @@ ARRAY_KINDS = (VOLUMES, SEGMENTATIONS, PREDICTED_SEGMENTATIONS) + tuple(LEVELS)
 CONVERT_STATE = '.state'  # data_tools.convert
 LOCALIZE_STATE = '.localize'  # data_tools.localize
 TMP_PREFIX = '.tmp-'  # every temporary name starts with it; clean_temporaries removes them
-ZARR_JSON = 'zarr.json'  # an array's metadata; written last by TensorStore's create
+ZARR_JSON = 'zarr.json'  # an array's metadata (write_shards writes it last)
 # The input side (the RSNA layout, DESIGN.md section 1): INPUT/segmentations/<UID>.nii[.gz].
 INPUT_SEGMENTATIONS = 'segmentations'
 
@@ -256,12 +262,43 @@ def write_manifest(root: str, records: Iterable[dict]) -> None:
   atomic_write(manifest_path(root), ''.join(l + '\n' for l in lines))
 
 
+def nonzero_box(array: np.ndarray) -> tuple[slice, ...] | None:
+  """The smallest box (one slice per axis) that holds every non-zero value; None if there is none.
+
+  Masks are mostly background (the neck is a small part of a 512^2 scan): work on a mask can skip
+  the rest. One any() per axis, which numpy runs far faster than a pass of real work.
+  """
+  box = []
+  for axis in range(array.ndim):
+    hit = np.flatnonzero(array.any(axis=tuple(a for a in range(array.ndim) if a != axis)))
+    if not hit.size:
+      return None
+    box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+  return tuple(box)
+
+
 def vertebra_boxes(mask: np.ndarray) -> dict[str, list[int]]:
-  """{"C1": [z0, y0, x0, z1, y1, x1], ...} (end-exclusive ints) of the labels 1-7 present."""
+  """{"C1": [z0, y0, x0, z1, y1, x1], ...} (end-exclusive ints) of the labels 1-7 present.
+
+  Within the mask's non-zero box, each label becomes one bit, and OR-ing the bits over two axes
+  gives, along the third, where each label occurs: four passes over that box, no SciPy.
+  """
+  n = len(constants.VERTEBRAE)
+  box = nonzero_box(mask)
+  if box is None:
+    return {}
+  labels = mask[box]
+  in_range = (labels >= 1) & (labels <= n)  # other values (thoracic, unknown) are no vertebra
+  bits = (np.left_shift(1, np.where(in_range, labels - 1, 0)) * in_range).astype(np.uint8)
+  profiles = [np.bitwise_or.reduce(bits, axis=tuple(a for a in range(3) if a != axis))
+              for axis in range(3)]
   boxes = {}
-  for i, sl in enumerate(ndimage.find_objects(mask, max_label=len(constants.VERTEBRAE))):
-    if sl is not None:
-      boxes[constants.VERTEBRAE[i]] = [int(s.start) for s in sl] + [int(s.stop) for s in sl]
+  for i, name in enumerate(constants.VERTEBRAE):
+    where = [np.flatnonzero(p & np.uint8(1 << i)) for p in profiles]
+    if where[0].size:
+      start = [int(w[0]) + b.start for w, b in zip(where, box)]
+      stop = [int(w[-1]) + 1 + b.start for w, b in zip(where, box)]
+      boxes[name] = start + stop
   return boxes
 
 
@@ -301,7 +338,7 @@ class JobRecords:
 
 
 # ---------------------------------------------------------------------------------------------
-# zarr3 arrays (TensorStore).
+# zarr3 arrays.
 # ---------------------------------------------------------------------------------------------
 
 # Inner (read) chunk and shard shapes, (z, y, x), chosen for random 64^3..96^3 crops by
@@ -353,29 +390,219 @@ def spec(path: str, shape=None, dtype=None, attributes: Mapping[str, Any] | None
 
 def write_array(path: str, array: np.ndarray, attributes: Mapping[str, Any] | None = None,
                 context: ts.Context | None = None) -> None:
-  """Creates a zarr3 array at ``path`` (which must not exist) holding ``array``."""
+  """Creates a zarr3 array at ``path`` (which must not exist) holding ``array``, through
+  TensorStore (the reference ``write_shards`` is tested against; test fixtures use it)."""
+  import tensorstore as ts  # pylint: disable=redefined-outer-name  # deferred (docstring)
   store = ts.open(spec(path, array.shape, array.dtype, attributes), create=True,
                   context=context or ts.Context()).result()
   store.write(np.ascontiguousarray(array)).result()
 
 
-def put_array(root: str, kind: str, uid: str, array: np.ndarray,
-              attributes: Mapping[str, Any] | None = None,
-              context: ts.Context | None = None) -> str:
-  """Writes ROOT/<kind>/<uid>/ whole or not at all, replacing any older one; returns its path.
+# zarr3 without TensorStore. A sharded array is one file per shard, c/<i>/<j>/<k> (the default
+# chunk key encoding): the shard's inner chunks, each encoded by the inner codecs (little-endian
+# bytes, then blosc) and concatenated in C order, then the index (one little-endian (offset,
+# nbytes) uint64 pair per inner chunk, 2^64-1 twice for a chunk not stored), then the index's
+# crc32c. As TensorStore does, an inner chunk equal to the fill value (0) is not stored, nor a
+# shard that holds none, and a chunk that sticks out of the array is padded with the fill value.
+_MISSING = 2**64 - 1
+_BLOSC_SHUFFLE = {'noshuffle': 0, 'shuffle': 1, 'bitshuffle': 2}
+SHARD_THREADS = 2  # shards encoded at once by ShardWriter (c-blosc releases the GIL)
 
-  The array is written under a temporary name in the same folder and then ``place``d; on error
-  the temporary is removed and what was there before is untouched.
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for i in range(256):
+    c = i
+    for _ in range(8):
+      c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)  # the Castagnoli polynomial, reflected
+    table.append(c)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli) of ``data``, as zarr3's crc32c codec: only shard indexes (a few hundred
+  bytes each) go through it, so a table in Python is fast enough."""
+  c = 0xFFFFFFFF
+  for byte in data:
+    c = _CRC32C[(c ^ byte) & 0xFF] ^ (c >> 8)
+  return c ^ 0xFFFFFFFF
+
+
+def _zarr_json(metadata: Mapping[str, Any]) -> bytes:
+  """zarr.json as TensorStore writes it for ``spec()``'s metadata: its defaults filled in, keys
+  sorted, no spaces."""
+  meta = json.loads(json.dumps(metadata))  # a deep copy
+  meta.update({'chunk_key_encoding': {'name': 'default'}, 'fill_value': 0, 'node_type': 'array',
+               'zarr_format': 3})
+  for codec in meta['codecs'][0]['configuration']['codecs']:
+    if codec['name'] == 'blosc':
+      codec['configuration'].setdefault('blocksize', 0)
+    if codec['name'] == 'bytes' and np.dtype(meta['data_type']).itemsize == 1:
+      codec.pop('configuration', None)  # an endianness means nothing for one-byte values
+  return json.dumps(meta, sort_keys=True, separators=(',', ':'), ensure_ascii=False,
+                    allow_nan=False).encode('utf-8')
+
+
+def _blosc_args(metadata: Mapping[str, Any]) -> dict:
+  """imagecodecs.blosc_encode's arguments for the inner chunks ``spec()`` declares: little-
+  endian bytes, then blosc. Any other codec fails here rather than writing other bytes."""
+  sharding = metadata['codecs'][0]
+  codecs = sharding['configuration']['codecs']
+  names = [c['name'] for c in codecs]
+  index_codecs = [c['name'] for c in sharding['configuration']['index_codecs']]
+  if (sharding['name'] != 'sharding_indexed' or names != ['bytes', 'blosc']
+      or codecs[0].get('configuration', {}).get('endian', 'little') != 'little'
+      or index_codecs != ['bytes', 'crc32c']):
+    raise NotImplementedError(f'write_shards: codecs {names}, index {index_codecs}')
+  blosc = codecs[1]['configuration']
+  return dict(level=blosc['clevel'], compressor=blosc['cname'],
+              shuffle=_BLOSC_SHUFFLE[blosc['shuffle']], typesize=blosc['typesize'],
+              blocksize=blosc.get('blocksize', 0), numthreads=1)
+
+
+class _ShardEncoder:
+  """Encodes shards into buffers it reuses (one encoder per thread): fresh buffers for every
+  inner chunk cost more in page faults than the compression itself."""
+
+  def __init__(self, dtype: np.dtype, inner, shard, blosc_args: dict):
+    import imagecodecs  # pylint: disable=import-outside-toplevel  # deferred: writers only
+    self.blosc_encode = imagecodecs.blosc_encode
+    self.inner, self.shard, self.blosc_args = tuple(inner), tuple(shard), blosc_args
+    self.per_shard = [s // i for s, i in zip(shard, inner)]
+    # c-blosc is given this little-endian array (it takes the shuffle's element size from it).
+    self.chunk = np.empty(inner, np.dtype(dtype).newbyteorder('<'))
+    self.out = bytearray(math.prod(self.per_shard) * (self.chunk.nbytes + 16))  # + blosc header
+
+  def encode(self, array: np.ndarray, start) -> tuple[memoryview, bytes] | None:
+    """(the inner chunks' bytes, index and crc32c) of the shard of ``array`` whose first voxel is
+    ``start``, or None when the shard stores nothing."""
+    index = np.full((math.prod(self.per_shard), 2), _MISSING, '<u8')
+    out, offset = memoryview(self.out), 0
+    for n, pos in enumerate(np.ndindex(*self.per_shard)):
+      lo = [s + p * i for s, p, i in zip(start, pos, self.inner)]
+      part = array[tuple(slice(l, l + i) for l, i in zip(lo, self.inner))]
+      if part.size == 0:  # outside the array
+        continue
+      if part.shape != self.inner:  # at the array's edge: padded with the fill value
+        self.chunk[...] = 0
+      self.chunk[tuple(slice(0, k) for k in part.shape)] = part
+      if not self.chunk.any():  # all fill value (0): not stored
+        continue
+      size = len(self.blosc_encode(self.chunk, **self.blosc_args, out=out[offset:]))
+      index[n] = offset, size
+      offset += size
+    if not offset:
+      return None
+    index_bytes = index.tobytes()
+    return out[:offset], index_bytes + crc32c(index_bytes).to_bytes(4, 'little')
+
+
+class ShardWriter:
+  """Writes the zarr3 array of ``spec()`` at ``path`` (which must not exist) slab by slab along z,
+  without TensorStore: byte for byte the files ``write_array`` (TensorStore) writes.
+
+    writer = ShardWriter(path, shape, dtype, attributes)
+    for z in range(0, shape[0], writer.slab_depth):
+      writer.write(z, volume[z:z + writer.slab_depth])  # any array: a reused buffer is fine
+    writer.close()  # zarr.json, last
+
+  A slab is one row of shards along z (its shards are whole: each is encoded, SHARD_THREADS at
+  once, and written by one open/write/close), so a caller can decode a volume a slab at a time
+  and never hold all of it. Integer arrays only (fill value 0).
   """
+
+  def __init__(self, path: str, shape, dtype, attributes: Mapping[str, Any] | None = None):
+    dtype = np.dtype(dtype)
+    if dtype.kind not in 'iub':
+      raise TypeError(f'ShardWriter: integer arrays only, not {dtype}')
+    self.path, self.shape = path, tuple(int(n) for n in shape)
+    metadata = spec(path, self.shape, dtype, attributes)['metadata']
+    self._zarr_json = _zarr_json(metadata)  # first: attributes that are not JSON fail here
+    self._inner, self._shard = _chunk_shapes(self.shape)
+    self.slab_depth = self._shard[0]
+    self._encoders = [_ShardEncoder(dtype, self._inner, self._shard, _blosc_args(metadata))
+                      for _ in range(SHARD_THREADS)]
+    self._rows = [-(-n // s) for n, s in zip(self.shape[1:], self._shard[1:])]
+    os.makedirs(path)
+
+  def write(self, z: int, slab: np.ndarray) -> None:
+    """Writes the shards of z rows [z, z + len(slab)): ``z`` a multiple of slab_depth, ``slab``
+    slab_depth deep (the last one: the rest of the array), its other axes the array's."""
+    depth = min(self.slab_depth, self.shape[0] - z)
+    if z % self.slab_depth or slab.shape != (depth,) + self.shape[1:]:
+      raise ValueError(f'slab {slab.shape} at z={z}: expected ({depth}, ...) at a multiple of '
+                       f'{self.slab_depth}')
+    positions = list(np.ndindex(*self._rows))
+    shares = [(enc, positions[i::len(self._encoders)]) for i, enc in enumerate(self._encoders)]
+
+    def write_share(share):
+      encoder, mine = share
+      for j, k in mine:
+        encoded = encoder.encode(slab, (0, j * self._shard[1], k * self._shard[2]))
+        if encoded is not None:
+          name = os.path.join(self.path, 'c', str(z // self.slab_depth), str(j), str(k))
+          os.makedirs(os.path.dirname(name), exist_ok=True)
+          with open(name, 'wb') as f:
+            for part in encoded:
+              f.write(part)
+
+    if len(shares) == 1:
+      write_share(shares[0])
+      return
+    with concurrent.futures.ThreadPoolExecutor(len(shares)) as pool:
+      for done in pool.map(write_share, shares):
+        del done  # pool.map re-raises a thread's error here
+
+  def close(self) -> None:
+    """Writes zarr.json: the array is complete."""
+    with open(os.path.join(self.path, ZARR_JSON), 'wb') as f:
+      f.write(self._zarr_json)
+
+
+def write_shards(path: str, array: np.ndarray,
+                 attributes: Mapping[str, Any] | None = None) -> None:
+  """Creates the zarr3 array of ``spec()`` at ``path`` (which must not exist) holding ``array``,
+  with ``ShardWriter``: besides ``array``, only one shard's buffers per thread (~8 MiB for int16)
+  are held, never a second copy."""
+  array = np.asarray(array)
+  writer = ShardWriter(path, array.shape, array.dtype, attributes)
+  _write_slabs(writer, array)
+  writer.close()
+
+
+def _write_slabs(writer: ShardWriter, array: np.ndarray) -> None:
+  for z in range(0, array.shape[0], writer.slab_depth):
+    writer.write(z, array[z:z + writer.slab_depth])
+
+
+@contextlib.contextmanager
+def new_array(root: str, kind: str, uid: str, shape, dtype,
+              attributes: Mapping[str, Any] | None = None) -> Iterator[ShardWriter]:
+  """A ``ShardWriter`` for ROOT/<kind>/<uid>/ under a temporary name, ``place``d (replacing any
+  older one) when the block ends, after the caller wrote every slab; on an error the temporary
+  is removed and what was there before is untouched."""
   tmp = new_temp_dir(os.path.join(root, kind), uid)
   final = array_path(root, kind, uid)
   try:
-    write_array(tmp, array, attributes, context)
+    writer = ShardWriter(tmp, shape, dtype, attributes)
+    yield writer
+    writer.close()
     place(tmp, final)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
-  return final
+
+
+def put_array(root: str, kind: str, uid: str, array: np.ndarray,
+              attributes: Mapping[str, Any] | None = None) -> str:
+  """Writes ROOT/<kind>/<uid>/ whole or not at all (``new_array``); returns its path."""
+  array = np.asarray(array)
+  with new_array(root, kind, uid, array.shape, array.dtype, attributes) as writer:
+    _write_slabs(writer, array)
+  return array_path(root, kind, uid)
 
 
 def remove_array(root: str, kind: str, uid: str) -> None:
@@ -387,6 +614,7 @@ def remove_array(root: str, kind: str, uid: str) -> None:
 
 def shared_context(cache_bytes: int = 256 << 20, concurrency: int | None = None) -> ts.Context:
   """One TensorStore context per process, with a capped chunk cache."""
+  import tensorstore as ts  # pylint: disable=redefined-outer-name  # deferred (docstring)
   cfg: dict[str, Any] = {'cache_pool': {'total_bytes_limit': int(cache_bytes)}}
   if concurrency:
     cfg['data_copy_concurrency'] = {'limit': int(concurrency)}
@@ -396,6 +624,7 @@ def shared_context(cache_bytes: int = 256 << 20, concurrency: int | None = None)
 
 def open_array(path: str, context: ts.Context | None = None) -> ts.TensorStore:
   """Opens a contract volume read-only; cached chunks are trusted (data is immutable)."""
+  import tensorstore as ts  # pylint: disable=redefined-outer-name  # deferred (docstring)
   s = spec(path)
   s['recheck_cached_data'] = 'open'
   s['recheck_cached_metadata'] = 'open'

@@ -24,6 +24,8 @@ Padding records (``study is None``) become all-zero elements without any read.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import grain
 
@@ -52,19 +54,46 @@ def _augment_on(cfg, rng) -> bool:
   return rng is not None and bool(cfg.augment.enabled)
 
 
+def sample_image(read_for: Callable[[str], Callable], study, cmap: geometry.CropMap,
+                 pad_value: float, use_levels: bool = True) -> np.ndarray:
+  """The HU crop of ``cmap``: from the coarsest derived level fine enough for it
+  (``levels.choose``), else the full-resolution volume (``use_levels=False``: data.levels, or a
+  dataset without levels). ``read_for(kind)`` gives the ``read(lo, hi)`` of that array."""
+  kind = levels.choose(study, cmap) if use_levels else None
+  if kind is None:
+    return geometry.resample(read_for(store.VOLUMES), study.shape, cmap, pad_value)
+  level_mm = store.VOLUME_LEVELS[kind]
+  return geometry.resample(read_for(kind),
+                           levels.level_shape(study.shape, study.spacing_mm, level_mm),
+                           geometry.rescale(cmap, levels.index_scale(study.spacing_mm, level_mm)),
+                           pad_value)
+
+
+def sample_labels(read_for: Callable[[str], Callable], study, kind: str,
+                  cmap: geometry.CropMap, use_levels: bool = True) -> np.ndarray:
+  """Nearest-neighbour labels of ``cmap`` from mask ``kind``: the true mask's 2 mm level where
+  the crop is coarse enough for it (its labels then sit up to 1 mm from where the full mask
+  has them), else the full-resolution mask."""
+  level = (levels.choose(study, cmap, store.LABEL_LEVELS)
+           if use_levels and kind == store.SEGMENTATIONS else None)
+  if level is None:
+    return geometry.resample(read_for(kind), study.shape, cmap, 0, order=0)
+  level_mm = store.LABEL_LEVELS[level]
+  return geometry.resample(read_for(level),
+                           levels.level_shape(study.shape, study.spacing_mm, level_mm),
+                           geometry.rescale(cmap, levels.index_scale(study.spacing_mm, level_mm)),
+                           0, order=0)
+
+
 def _sample_image(reader: sources.VolumeReader, study, cmap: geometry.CropMap, cfg) -> np.ndarray:
-  """The HU crop of ``cmap``: from the coarsest derived level fine enough for it (levels.py),
-  or the full-resolution volume (``data.levels=False``, or a dataset without levels)."""
-  return levels.sample(lambda kind: reader.reader_for(kind, study.uid), study, cmap, cfg.pad_hu,
-                       use_levels=bool(cfg.levels))
+  return sample_image(lambda kind: reader.reader_for(kind, study.uid), study, cmap, cfg.pad_hu,
+                      use_levels=bool(cfg.levels))
 
 
 def _sample_labels(reader: sources.VolumeReader, study, kind: str, cmap: geometry.CropMap,
                    cfg) -> np.ndarray:
-  """Nearest-neighbour labels of mask ``kind`` through ``cmap`` (the true mask from its 2 mm
-  level when the crop is that coarse: levels.sample_labels)."""
-  return levels.sample_labels(lambda k: reader.reader_for(k, study.uid), study, kind, cmap,
-                              use_levels=bool(cfg.levels))
+  return sample_labels(lambda k: reader.reader_for(k, study.uid), study, kind, cmap,
+                       use_levels=bool(cfg.levels))
 
 
 def _targets(study) -> dict:
