@@ -66,10 +66,12 @@ def _jitted(fn):
   return jax.jit(fn)
 
 
-def images(config, batch: dict) -> jax.Array:
-  """The batch's images: "image" as it is, or made from the block (one compiled function per
-  crop shape, built once: evaluation loops call this every batch)."""
+def images_fn(config) -> Callable[[dict], jax.Array]:
+  """global batch -> its images: "image" as it is, or made from the blocks by one compiled
+  function per crop shape, built once (evaluation loops call it every batch)."""
   fn = for_config(config)
-  return batch['image'] if fn is None else _jitted(fn)(
-      {k: v for k, v in batch.items() if not isinstance(v, (str, bytes)) and
-       getattr(v, 'dtype', None) is not None and v.dtype.kind in 'biuf'})['image']
+  if fn is None:
+    return lambda batch: batch['image']
+  jitted = _jitted(fn)
+  return lambda batch: jitted({k: v for k, v in batch.items() if isinstance(v, jax.Array)})[
+      'image']

@@ -32,12 +32,13 @@ def evaluate(config, predict: ImagesFn, mesh, split: str = 'eval', uids=None) ->
   """``predict``: images -> (B, 8) probabilities. Every study of ``split`` once; returns
   {uids, probs, labels, labelled} on the host."""
   it, count = pipeline.make_eval_iterator(config, split, uids=uids)
+  images = device_crop.images_fn(config)
   out = {'uids': [], 'probs': [], 'labels': [], 'labelled': []}
   sharding = parallel.batch_sharding(mesh)
   try:
     for batch in it:
       g = pipeline.to_global(batch, sharding)
-      probs = parallel.host_value(predict(device_crop.images(config, g)))
+      probs = parallel.host_value(predict(images(g)))
       mask = parallel.host_value(g['mask']).astype(bool)
       labels = parallel.host_value(g['labels'])
       labelled = parallel.host_value(g['labelled']).astype(bool) if 'labelled' in g else mask
@@ -62,12 +63,13 @@ def evaluate_segmentation(config, segment: ImagesFn, mesh, split: str = 'eval',
   resampled (nearest) onto the same grid, i.e. exactly what the model was trained to output.
   """
   it, _ = pipeline.make_eval_iterator(config, split, uids=uids)
+  images = device_crop.images_fn(config)
   sharding = parallel.batch_sharding(mesh)
   out_uids, dice = [], []
   try:
     for batch in it:
       g = pipeline.to_global(batch, sharding)
-      pred = parallel.host_value(segment(device_crop.images(config, g)))
+      pred = parallel.host_value(segment(images(g)))
       true = parallel.host_value(g['segmentation'])
       keep = parallel.host_value(g['mask']).astype(bool) & parallel.host_value(
           g['has_segmentation']).astype(bool)
