@@ -202,7 +202,7 @@ def test_block_shape_holds_the_most_extreme_draws(ct):
   cfg = _cfg(ct, crop_on='device')
   shape = device_blocks.block_shape(cfg)
   reader = sources.VolumeReader(ct)
-  read = reader.reader_for(device_blocks.DEVICE_LEVEL, study.uid)
+  read = reader.reader_into(device_blocks.DEVICE_LEVEL, study.uid)
   deg = cfg.augment.rotate_deg
   for angles in [(deg, deg, deg), (-deg, deg, -deg), (deg, -deg, deg)]:
     aug = geometry.Augment(angles_rad=tuple(np.deg2rad(angles)), zoom=1 + cfg.augment.scale)

@@ -73,12 +73,13 @@ def block_shape(cfg) -> tuple[int, int, int]:
   return tuple(int(v) for v in 2 * np.ceil(half + 1.0).astype(int) + 3)
 
 
-def region_block(read, study, cmap: geometry.CropMap, shape, pad_value: float
+def region_block(read_into, study, cmap: geometry.CropMap, shape, pad_value: float
                  ) -> tuple[np.ndarray, np.ndarray]:
   """(int16 block of ``shape``, float32 (3, 4) affine: output index -> block index).
 
-  ``cmap`` is the crop in volume index space (transforms.region_crop_map); ``read(lo, hi)``
-  reads the study's DEVICE_LEVEL array. Outside the level the block holds ``pad_value``.
+  ``cmap`` is the crop in volume index space (transforms.region_crop_map); ``read_into(lo, hi,
+  out)`` reads the [lo, hi) block of the study's DEVICE_LEVEL array into ``out`` (no copy in
+  between: ~1.5 of ~11 ms per crop). Outside the level the block holds ``pad_value``.
   """
   scale = levels.index_scale(study.spacing_mm, level_mm())
   lmap = geometry.rescale(cmap, scale)
@@ -96,6 +97,6 @@ def region_block(read, study, cmap: geometry.CropMap, shape, pad_value: float
   lo_c, hi_c = np.clip(lo, 0, level_shape), np.clip(lo + shape, 0, level_shape)
   if np.all(hi_c > lo_c):
     dst = tuple(slice(a - b, c - b) for a, b, c in zip(lo_c, lo, hi_c))
-    block[dst] = read(lo_c, hi_c)
+    read_into(lo_c, hi_c, block[dst])
   affine = np.concatenate([lmap.matrix, (lmap.offset - lo)[:, None]], axis=1)
   return block, affine.astype(np.float32)

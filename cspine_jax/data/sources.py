@@ -4,7 +4,7 @@ A Grain source element here is a small dict around a ``manifest.Study``: no voxe
 read by the crop transforms through a ``VolumeReader``, which opens its TensorStore context and
 arrays lazily in the process that reads, so no open context or handle ever crosses a ``fork()``
 (it would deadlock) or gets pickled into a spawned worker: a pickled reader carries only its
-settings. (Importing the tensorstore module, as ``store`` does, opens nothing and is safe.)
+settings. (Importing the tensorstore module, as this one does, opens nothing and is safe.)
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import threading
 from typing import Sequence
 
 import numpy as np
+import tensorstore as ts
 
 from cspine_jax.data import manifest as manifest_lib
 from cspine_jax.data import store
@@ -74,9 +75,20 @@ class VolumeReader:
     (z0, y0, x0), (z1, y1, x1) = (int(v) for v in lo), (int(v) for v in hi)
     return array[z0:z1, y0:y1, x0:x1].read().result()
 
+  def read_into(self, kind: str, uid: str, lo, hi, out: np.ndarray) -> None:
+    """Reads the [lo, hi) block straight into ``out`` (a numpy view of that shape): no
+    intermediate array (device_blocks fills its padded block this way)."""
+    array = self.open(kind, uid)
+    (z0, y0, x0), (z1, y1, x1) = (int(v) for v in lo), (int(v) for v in hi)
+    ts.array(out).write(array[z0:z1, y0:y1, x0:x1]).result()
+
   def reader_for(self, kind: str, uid: str):
     """``read(lo, hi)`` closure for ``geometry.resample``."""
     return lambda lo, hi: self.read(kind, uid, lo, hi)
+
+  def reader_into(self, kind: str, uid: str):
+    """``read_into(lo, hi, out)`` closure for ``device_blocks.region_block``."""
+    return lambda lo, hi, out: self.read_into(kind, uid, lo, hi, out)
 
 
 class StudySource(Sequence):

@@ -276,8 +276,8 @@ class _Crop:
               'affine': np.zeros((3, 4), np.float32)}
     aug = _augment(self._cfg, rng) if _augment_on(self._cfg, rng) else geometry.Augment()
     cmap, _ = region_crop_map(study, self._cfg, aug)
-    read = self._reader.reader_for(device_blocks.DEVICE_LEVEL, study.uid)
-    block, affine = device_blocks.region_block(read, study, cmap, self._block_shape,
+    read_into = self._reader.reader_into(device_blocks.DEVICE_LEVEL, study.uid)
+    block, affine = device_blocks.region_block(read_into, study, cmap, self._block_shape,
                                                self._cfg.pad_hu)
     return {'block': block, 'affine': affine}
 
