@@ -183,9 +183,9 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
     return record
   # Deferred: only workers read DICOM; the command's own process starts its workers sooner.
   from data_tools import dicom  # pylint: disable=import-outside-toplevel
+  scan, warnings = None, []  # warnings: the study's own, after the reader's
   try:
     scan = dicom.scan_series(job['folder'])
-    warnings = []  # the study's own, after the reader's
     if scan.study_uid_tag and scan.study_uid_tag != uid:
       warnings.append('the StudyInstanceUID tag differs from the folder name (folder name used)')
     if labels is not None and labels[0] != max(labels[1:]):
@@ -230,10 +230,11 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
     # The reader's warnings (its decoding's last) before the study's, as the manifest had them.
     done['warnings'] = scan.warnings + warnings
     record = done
-  except dicom.StudyError as e:
-    record = _failed(record, str(e))
   except Exception as e:  # pylint: disable=broad-except
-    record = _failed(record, f'internal error ({type(e).__name__}: {e})')
+    # A study that fails after its headers were read keeps what was said of it until then.
+    record['warnings'] = (scan.warnings if scan is not None else []) + warnings
+    why = str(e) if isinstance(e, dicom.StudyError) else f'internal error ({type(e).__name__}: {e})'
+    record = _failed(record, why)
   return record
 
 

@@ -415,6 +415,23 @@ def test_truncated_jpeg_lossless_slice_fails_naming_it(tmp_path, keep):
     dicom.read_series(str(folder))
 
 
+def test_a_study_failing_at_decode_keeps_its_earlier_warnings(tmp_path):
+  """Failing after its headers were read (a cut slice found while decoding), a study's record
+  still says what was noticed before: here the labels' inconsistency."""
+  study = synthetic.make_study(5, 0, 32, transfer_syntax=synthetic.JPEG_LOSSLESS)
+  synthetic.write_study(study, str(tmp_path), 'train', None)
+  folder = tmp_path / 'train_images' / study.uid
+  name = sorted(os.listdir(folder))[2]
+  start = _header_slice(str(folder / name)).pixel_offset
+  with open(folder / name, 'r+b') as f:
+    f.truncate(start + (os.path.getsize(folder / name) - start) // 2)
+  job = {'uid': study.uid, 'split': 'train', 'folder': str(folder), 'segmentation': None}
+  labels = [0, 1, 0, 0, 0, 0, 0, 0]  # patient_overall 0 with C1 fractured
+  record = convert.convert_study(job, str(tmp_path / 'out'), labels, [])
+  assert record['status'].startswith(f'error: {name}: pixel data cannot be decoded')
+  assert record['warnings'] == ['patient_overall is not the OR of C1-C7 in train.csv']
+
+
 @pytest.mark.parametrize('raw', [b'-89.2989\\-78.89\\42.5011 ', b'1e2\\ -3.5\\+4\x00',
                                  b'0\\0\\0'])
 def test_decimal_strings_read_raw_equal_pydicom(tmp_path, raw):
