@@ -1,7 +1,6 @@
 """Derived levels and device crops: values against independent references, the crops against the
 full-resolution path, device crops against host crops, determinism, old datasets, the upgrade."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -25,7 +25,6 @@ import time
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cspine_jax import parallel
 from cspine_jax import train_lib
@@ -111,7 +110,7 @@ def bench_one(name: str, root: str, steps: int, warmup: int, tiny: bool,
   config.data.require_segmentation = False  # every study: the benchmark is about speed
   config.data.num_threads = os.cpu_count() or 1
   mesh = parallel.make_mesh()
-  task = factory.check(config)
+  factory.check(config)  # the config is one this step can run
   graphdef = nnx.graphdef(factory.abstract_model(config))
   state = jax.jit(train_lib.init_fn(config), out_shardings=parallel.replicated(mesh))()
   step_fn = jax.jit(train_lib.make_train_step(config, graphdef), donate_argnums=(0,))
