@@ -129,6 +129,11 @@ def test_level_choice_follows_the_crop_spacing(ct):
   assert kind((2.0, 1.7, 1.7)) == 'volumes_2mm'
   assert levels.choose(study, geometry.crop_map(centre, a_mm, (8, 8, 8), (2.0,) * 3,
                                                 antialias=False)) is None
+  # A coarse scan (the demo's 64x64 studies): the 2 mm level is about as fine as the volume,
+  # so reading it saves nothing and would interpolate twice.
+  coarse = manifest.Study(**{**study.__dict__, 'spacing_mm': (2.4, 2.45, 2.45)})
+  assert levels.choose(coarse, geometry.crop_map(centre, geometry.mm_to_index(
+      coarse.spacing_mm, coarse.direction), (8, 8, 8), (3.0, 3.0, 3.0))) is None
   # Thick slices: the 1 mm level would interpolate them twice.
   thick = manifest.Study(**{**study.__dict__, 'spacing_mm': (2.5, 0.5, 0.5)})
   assert levels.choose(thick, geometry.crop_map(centre, geometry.mm_to_index(

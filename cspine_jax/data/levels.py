@@ -33,6 +33,10 @@ from cspine_jax.data import store
 # A level is used for a crop whose finest output spacing is at least L / SLACK: a crop zoomed to
 # 0.9 mm (augment.scale 0.1 of vit_b2's 1 mm) reads the 1 mm level, not 30 M voxels at 0.35 mm.
 SLACK = 1.25
+# ... and only where it holds at most 1 / MIN_GAIN of the volume's voxels: a level exists to read
+# less; one about as fine as the volume (small or coarse scans, e.g. the demo's 64x64 studies at
+# ~2.4 mm) would only interpolate the crop twice.
+MIN_GAIN = 2.0
 SLAB = 64  # volume slices handed to a LevelBuilder at once when reading from disk
 
 # Upgrading a dataset converted before levels existed (named in every message about it).
@@ -55,10 +59,11 @@ def choose(study, cmap, kinds=None) -> str | None:
   read the crop ``cmap`` (a geometry.CropMap) from, or None (the full-resolution array).
 
   ``cmap.step`` (input voxels per output voxel along each input axis) times the volume's spacing
-  is the crop's output spacing in mm there; a level qualifies when L <= SLACK * its minimum, and
+  is the crop's output spacing in mm there; a level qualifies when L <= SLACK * its minimum,
   when it is not much finer than the volume's coarsest axis (L >= max(s) / SLACK): thick slices
   interpolated onto a finer level and interpolated again by the crop would blur more than the
-  crop's own filter, so such studies read the volume (or a coarser level).
+  crop's own filter, and when it has at most 1 / MIN_GAIN of the volume's voxels; otherwise the
+  volume (or a coarser level) is read.
   """
   kinds = store.VOLUME_LEVELS if kinds is None else kinds
   if cmap.step is None or not study.levels:
@@ -70,7 +75,8 @@ def choose(study, cmap, kinds=None) -> str | None:
     level_mm = kinds.get(kind)
     if level_mm is None:
       continue
-    fits = spacing.max() / SLACK <= level_mm <= SLACK * finest_mm
+    fits = (spacing.max() / SLACK <= level_mm <= SLACK * finest_mm
+            and np.prod(level_mm / spacing) >= MIN_GAIN)
     if fits and (best is None or level_mm > kinds[best]):
       best = kind
   return best
