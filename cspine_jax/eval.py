@@ -45,9 +45,7 @@ def define_flags():
 
 def run(workdir: str, data: str, checkpoint: str, output: str, threshold: float = 0.5,
         split: str = 'all') -> dict:
-  if not os.path.isfile(os.path.join(data, store.MANIFEST)):
-    raise cli.UsageError(f'--data={data}: no {store.MANIFEST} (run python -m '
-                         'data_tools.convert)')
+  data = store.dataset(data, '--data')
   if not os.path.isfile(os.path.join(workdir, 'config.json')):
     raise cli.UsageError(f'--workdir={workdir}: not a training workdir (no config.json)')
   if split not in SPLITS:
@@ -55,7 +53,7 @@ def run(workdir: str, data: str, checkpoint: str, output: str, threshold: float 
   mesh = parallel.make_mesh()
   model = restore.InferenceModel(workdir, checkpoint, mesh, expect='classifier')
   config, step = model.config, model.step
-  config.data.root = os.path.abspath(data)
+  config.data.root = data
   uids = None
   if split == 'labelled_with_boxes':
     uids = [s.uid for s in manifest.load_manifest(config.data.root)

@@ -30,6 +30,7 @@ from absl import flags
 
 from cspine_jax import cli
 from cspine_jax import localize_lib
+from cspine_jax.data import kvstore
 from cspine_jax.data import store
 
 FLAGS = flags.FLAGS
@@ -47,20 +48,18 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not os.path.isfile(store.manifest_path(FLAGS.data)):
-    raise cli.UsageError(f'--data={FLAGS.data}: no {store.MANIFEST} (run python -m '
-                         'data_tools.convert)')
+  data = store.dataset(FLAGS.data, '--data', write=True)
   if not os.path.isfile(os.path.join(FLAGS.workdir, 'config.json')):
     raise cli.UsageError(f'--workdir={FLAGS.workdir}: not a training workdir (no config.json)')
   start = time.time()
-  records = localize_lib.run(FLAGS.workdir, FLAGS.data, FLAGS.checkpoint, FLAGS.keep_largest,
+  records = localize_lib.run(FLAGS.workdir, data, FLAGS.checkpoint, FLAGS.keep_largest,
                              FLAGS.progress)
   located = [r for r in records if r.get('predicted_vertebra_boxes')]
   full = [r for r in located if len(r['predicted_vertebra_boxes']) == 7]
   print(f'{len(located)} studies localized ({len(full)} with all of C1-C7) in '
         f'{time.time() - start:.1f} s -> '
-        f'{os.path.join(FLAGS.data, store.PREDICTED_SEGMENTATIONS)}')
-  dice = localize_lib.full_grid_dice(FLAGS.data)
+        f'{kvstore.join(data, store.PREDICTED_SEGMENTATIONS)}')
+  dice = localize_lib.full_grid_dice(data)
   if dice:
     print(f'Dice against the {dice["studies"]} true masks (full grid): mean '
           f'{dice["dice_mean"]:.3f}; ' + ', '.join(

@@ -258,15 +258,11 @@ def run(workdir: str, data: str, checkpoint: str = 'latest', keep_largest: bool 
   DATA/.localize/<UID>.json; a rerun skips studies whose record names the same checkpoint and
   post-processing version; the manifest is rewritten atomically at the end (and every 30 s).
   """
-  data = os.path.abspath(data)
-  if not os.path.isfile(store.manifest_path(data)):
-    raise FileNotFoundError(f'--data={data}: no {store.MANIFEST} (run python -m '
-                            'data_tools.convert first)')
+  data = store.dataset(data, '--data', write=True)
   model = load(workdir, checkpoint)
   tag = {'workdir': os.path.abspath(workdir), 'step': int(model.step), 'method': METHOD_VERSION}
   jobs = store.JobRecords(data, store.LOCALIZE_STATE)
-  os.makedirs(os.path.join(data, store.PREDICTED_SEGMENTATIONS), exist_ok=True)
-  os.makedirs(jobs.folder, exist_ok=True)
+  store.make_folders(data, (store.PREDICTED_SEGMENTATIONS, store.LOCALIZE_STATE))
   store.clean_temporaries(data, (store.PREDICTED_SEGMENTATIONS, store.LOCALIZE_STATE))
   records = store.read_manifest(data)
   ok = [r for r in records if r.get('status') == 'ok']

@@ -86,6 +86,7 @@ from absl import flags
 
 from cspine_jax import cli
 from cspine_jax import predict_lib
+from cspine_jax.data import kvstore
 from cspine_jax.data import store
 from data_tools import convert
 from data_tools import dicom
@@ -122,11 +123,12 @@ def _check_flags() -> None:
     raise cli.UsageError('give one of --dicom (a series, or a folder of study folders) and '
                          '--data (a converted dataset)')
   for name in ('dicom', 'data', 'classifier', 'localizer'):
+    if name == 'data' and kvstore.is_url(FLAGS.data):
+      continue  # a bucket: store.dataset checks it
     if FLAGS[name].value and not os.path.isdir(FLAGS[name].value):
       raise cli.UsageError(f'--{name}={FLAGS[name].value} is not a folder')
-  if FLAGS.data and not os.path.isfile(store.manifest_path(FLAGS.data)):
-    raise cli.UsageError(f'--data={FLAGS.data}: no {store.MANIFEST} (run python -m '
-                         'data_tools.convert first)')
+  if FLAGS.data:
+    store.dataset(FLAGS.data, '--data')
   if FLAGS.data and FLAGS.dicom_outputs:
     raise cli.UsageError('--dicom_outputs needs --dicom: the SEG and SR reference the source '
                          "series' files, which a converted dataset does not keep")

@@ -64,9 +64,7 @@ def validate_config(config) -> None:
   if not root:
     raise ConfigError('config.data.root is empty: set it to a folder written by '
                       'python -m data_tools.convert (--config.data.root=...)')
-  if not os.path.isfile(store.manifest_path(root)):
-    raise ConfigError(f'config.data.root={root!r}: no manifest.jsonl there (run '
-                      'python -m data_tools.convert first)')
+  store.dataset(root, 'config.data.root', error=ConfigError)  # a folder or bucket
   if config.get('param_sharding', 'replicate') not in parallel.PARAM_SHARDINGS:
     raise ConfigError(f'config.param_sharding={config.param_sharding!r}: expected one of '
                       f'{parallel.PARAM_SHARDINGS}')
@@ -362,9 +360,29 @@ def _first_bad_step(first_bad: jax.Array, finite: jax.Array, step: jax.Array) ->
   return jnp.where((first_bad == 0) & ~finite, step, first_bad)
 
 
+def check_workdir(workdir: str) -> None:
+  """Refuses, at start, a --workdir in a bucket: ConfigError naming it and what to do instead.
+
+  Orbax writes checkpoints to gs:// (through etils.epath, with gcsfs installed) but not to s3://,
+  and the rest of a workdir cannot live in any bucket: metrics.jsonl is appended to line by line
+  (objects cannot be appended to), TensorBoard's event files likewise, and a damaged checkpoint
+  is moved aside by a rename. Found after an hour of training, that would lose the hour.
+  """
+  scheme = workdir.split('://', 1)[0] if '://' in workdir else ''
+  if scheme:
+    why = {'s3': 'Orbax cannot write checkpoints to S3',
+           'file': 'give it as a path'}.get(
+               scheme, 'metrics.jsonl and TensorBoard are appended to, which objects cannot be')
+    raise ConfigError(f'--workdir={workdir}: must be a local folder ({why}); train into a local '
+                      'disk or a bucket mounted as a folder (gcsfuse, mountpoint-s3), or copy the '
+                      'workdir up afterwards (gcloud storage rsync / aws s3 sync). The data '
+                      '(config.data.root) may be a bucket.')
+
+
 def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
   """Trains to config.total_steps (resuming if a checkpoint exists); returns the last metrics."""
   # ------------------------------------------------------------------ setup
+  check_workdir(workdir)
   validate_config(config)
   task = factory.task_of(config)
   eval_every = int(config.eval_every_steps) if check_data(config, task) else 0

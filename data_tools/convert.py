@@ -44,6 +44,7 @@ from tqdm import tqdm
 from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax.data import kaggle
+from cspine_jax.data import kvstore
 from cspine_jax.data import levels
 from cspine_jax.data import store
 from data_tools import stages
@@ -207,8 +208,7 @@ def convert_study(job: dict, out: str, labels: list[int] | None, boxes: list[dic
       with stages.stage('mask alignment'):
         mask = _aligned_mask(job['segmentation'], scan, warnings)
 
-    for kind in (store.VOLUMES, store.SEGMENTATIONS):
-      os.makedirs(os.path.join(out, kind), exist_ok=True)
+    store.make_folders(out, (store.VOLUMES, store.SEGMENTATIONS))
     # Each array is written under a temporary name and placed whole; the volume goes last, so a
     # placed volume means the study's arrays are complete.
     if mask is not None:
@@ -313,6 +313,8 @@ def _worker_init(out: str, parent: int) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, 9)  # SIGKILL when the parent dies
   if os.getppid() != parent:  # the parent died before the line above took effect
     os._exit(1)  # pylint: disable=protected-access
+  if kvstore.is_url(out):
+    return
   _worker_lock = open(os.path.join(out, WORKERS_LOCK), 'a')  # pylint: disable=consider-using-with
   fcntl.flock(_worker_lock, fcntl.LOCK_SH)
 
@@ -320,8 +322,11 @@ def _worker_init(out: str, parent: int) -> None:
 def _lock_output(out: str):
   """Takes the output folder for this command; returns the open lock file (keep it open).
 
-  Waits for workers left by a killed command to exit before anything is touched.
+  Waits for workers left by a killed command to exit before anything is touched. A bucket has
+  no locks (store.try_lock): one command per output there is the user's to keep.
   """
+  if kvstore.is_url(out):
+    return store.try_lock(out)
   run_lock = store.try_lock(os.path.join(out, RUN_LOCK))
   if run_lock is None:
     raise OutputBusy(f'--output {out} is being written by another data_tools.convert '
@@ -358,11 +363,11 @@ def run(input_root: str, out: str, workers: int, progress: bool = True) -> list[
   not one; cli.Failure when no study folder is found; ValueError naming the line of a malformed
   train.csv or train_bounding_boxes.csv.
   """
-  input_root, out = os.path.abspath(input_root), os.path.abspath(out)
+  input_root, out = os.path.abspath(input_root), store.normalize_root(out)
   if not os.path.isdir(input_root):
     what = 'does not exist' if not os.path.exists(input_root) else 'is not a folder'
     raise cli.UsageError(f'--input {input_root} {what}')
-  if os.path.exists(out) and not os.path.isdir(out):
+  if not kvstore.is_url(out) and os.path.exists(out) and not os.path.isdir(out):
     raise cli.UsageError(f'--output {out} is a file, not a folder')
   jobs = discover(input_root)
   if not jobs:
@@ -370,7 +375,10 @@ def run(input_root: str, out: str, workers: int, progress: bool = True) -> list[
     raise cli.Failure(f'no study folder found under --input {input_root}: expected '
                       f'{EXPECTED_LAYOUT}')
   labels, boxes = read_labels(input_root), read_boxes(input_root)
-  os.makedirs(out, exist_ok=True)
+  if kvstore.is_url(out):
+    kvstore.check(out, write=True)  # a wrong bucket, endpoint or key: said now, nothing written
+  else:
+    os.makedirs(out, exist_ok=True)
   run_lock = _lock_output(out)
   try:
     return _run_locked(jobs, labels, boxes, out, workers, progress)
@@ -444,7 +452,9 @@ def define_flags():
   """Command-line flags (defined only when run as a program: modules stay importable)."""
   flags.DEFINE_string('input', None, 'RSNA root (train_images/, segmentations/, train.csv, ...) '
                       'or a folder of study folders.')
-  flags.DEFINE_string('output', None, 'Converted dataset folder (created; reruns resume).')
+  flags.DEFINE_string('output', None, 'Converted dataset: a folder (created; reruns resume) or '
+                      'a bucket URL, s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (README: '
+                      '"Object stores").')
   flags.DEFINE_integer('workers', 0, 'Parallel study conversions (0: all cores).')
   flags.DEFINE_bool('progress', True, 'Show a progress bar on stderr.')
 

@@ -22,6 +22,7 @@ from absl import flags
 
 from cspine_jax import cli
 from cspine_jax.data import levels
+from cspine_jax.data import kvstore
 from cspine_jax.data import store
 from data_tools import convert
 
@@ -54,13 +55,11 @@ def _one(root: str, record: dict) -> list[str]:
 
 def upgrade(root: str, workers: int = 1) -> tuple[int, int]:
   """Writes the missing levels of every ok study; returns (studies upgraded, ok studies)."""
-  if not os.path.isfile(store.manifest_path(root)):
-    raise cli.UsageError(f'--data={root}: no manifest.jsonl there (a folder written by '
-                         'python -m data_tools.convert)')
-  lock = store.try_lock(os.path.join(root, convert.RUN_LOCK))
+  root = store.dataset(root, '--data', write=True)
+  lock = store.try_lock(kvstore.join(root, convert.RUN_LOCK))
   if lock is None:
     raise cli.Failure(f'--data={root} is being written by data_tools.convert (it holds '
-                      f'{os.path.join(root, convert.RUN_LOCK)}); wait for it to finish')
+                      f'{kvstore.join(root, convert.RUN_LOCK)}); wait for it to finish')
   try:
     store.clean_temporaries(root, tuple(store.LEVELS))
     records = store.read_manifest(root)

@@ -27,7 +27,7 @@ DISTRIBUTIONS = {
     'absl': 'absl-py', 'dcm2niix': 'dcm2niix', 'flax': 'flax', 'gdcm': 'python-gdcm',
     'grain': 'grain',
     'highdicom': 'highdicom', 'imagecodecs': 'imagecodecs', 'jax': 'jax',
-    'ml_collections': 'ml-collections',
+    'ml_collections': 'ml-collections', 'moto': 'moto',
     'monai': 'monai', 'nibabel': 'nibabel', 'numpy': 'numpy', 'optax': 'optax',
     'orbax': 'orbax-checkpoint', 'packaging': 'pytest', 'PIL': 'pillow', 'psutil': 'psutil',
     'pydicom': 'pydicom', 'pytest': 'pytest', 'scipy': 'scipy', 'SimpleITK': 'SimpleITK',

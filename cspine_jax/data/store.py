@@ -24,6 +24,12 @@ bytes (66 -> 90 MiB); crops are decode-bound, disk is cheap (`python -m data_too
 Arrays are written by ``ShardWriter`` (numpy and imagecodecs' c-blosc, whole shards, slab by slab
 along z: the bytes TensorStore writes for the same spec, tested) and read through TensorStore.
 
+ROOT may also be a bucket, ``s3://bucket/prefix`` or ``gs://bucket/prefix`` (``kvstore``): the
+same names, as object keys, through TensorStore's KvStore. Objects are written whole by nature but
+cannot be renamed, so there an array is written under its final name (zarr.json last, as always)
+and a study becomes visible only through its manifest record, written after all of its arrays;
+there are no temporaries and no locks (one command per output is the user's to keep).
+
 This module imports no JAX or Flax, and TensorStore and SciPy only inside the functions that use
 them (importing TensorStore costs ~0.5 s, most of it ml_dtypes): the converter's processes write
 arrays without them and start fast.
@@ -46,7 +52,9 @@ import numpy as np
 if TYPE_CHECKING:
   import tensorstore as ts
 
+from cspine_jax import cli
 from cspine_jax import constants
+from cspine_jax.data import kvstore
 
 # ---------------------------------------------------------------------------------------------
 # Layout names.
@@ -109,18 +117,81 @@ def check_uid(uid) -> str:
   return uid
 
 
+def normalize_root(root: str) -> str:
+  """A dataset's root as the commands use it: a local folder made absolute (also from a
+  file:// URL), a bucket URL (s3://, gs://) without trailing slashes."""
+  return kvstore.normalize(root)
+
+
 def manifest_path(root: str) -> str:
-  return os.path.join(root, MANIFEST)
+  return kvstore.join(root, MANIFEST)
+
+
+def manifest_exists(root: str) -> bool:
+  return file_exists(manifest_path(root))
+
+
+def dataset(root: str, named: str, write: bool = False, error=cli.UsageError) -> str:
+  """``root`` normalized (``normalize_root``), checked to hold a converted dataset; raises
+  ``error`` (a cli.UsageError) naming ``named`` (the flag or key, e.g. "--data") and what is
+  wrong: no manifest there, or a bucket that cannot be reached, read (or, with ``write``,
+  written)."""
+  root = normalize_root(root)
+  if kvstore.is_url(root):
+    try:
+      kvstore.check(root, write=write)
+    except kvstore.StorageError as e:
+      raise error(f'{named}={e}') from None
+  if not manifest_exists(root):
+    raise error(f'{named}={root}: no {MANIFEST} there (run python -m data_tools.convert first)')
+  return root
 
 
 def array_path(root: str, kind: str, uid: str) -> str:
   """ROOT/<kind>/<uid>: the folder of one study's array (kind: one of ARRAY_KINDS)."""
-  return os.path.join(root, kind, check_uid(uid))
+  return kvstore.join(root, kind, check_uid(uid))
 
 
 def array_exists(root: str, kind: str, uid: str) -> bool:
-  """Whether ROOT/<kind>/<uid> is a complete array (arrays are placed only when complete)."""
-  return os.path.isfile(os.path.join(array_path(root, kind, uid), ZARR_JSON))
+  """Whether ROOT/<kind>/<uid> is a complete array (its zarr.json is written last)."""
+  return file_exists(kvstore.join(array_path(root, kind, uid), ZARR_JSON))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files of a folder or a bucket.
+# ---------------------------------------------------------------------------------------------
+
+
+def read_file(path: str) -> bytes | None:
+  """The bytes of a file or object, or None when there is none."""
+  if kvstore.is_url(path):
+    return kvstore.read_object(path)
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except FileNotFoundError:
+    return None
+
+
+def write_file(path: str, data: str | bytes) -> None:
+  """Writes a file (``atomic_write``) or an object, whole or not at all."""
+  if kvstore.is_url(path):
+    kvstore.write_object(path, data)
+  else:
+    atomic_write(path, data)
+
+
+def file_exists(path: str) -> bool:
+  if kvstore.is_url(path):
+    return kvstore.read_object(path) is not None
+  return os.path.isfile(path)
+
+
+def make_folders(root: str, kinds: Iterable[str]) -> None:
+  """Creates ROOT and ROOT/<kind> for each kind (nothing to create in a bucket)."""
+  if not kvstore.is_url(root):
+    for kind in kinds:
+      os.makedirs(os.path.join(root, kind), exist_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,9 +253,17 @@ def new_temp_dir(parent: str, uid: str, create: bool = False) -> str:
   raise FileExistsError(f'no free temporary name in {parent}')
 
 
+class _NoLock:
+  def close(self):
+    pass
+
+
 def try_lock(path: str):
   """The open file of an exclusive, non-blocking flock on ``path`` (made with its folder), held
-  while the file stays open; None when another process holds it (one command per output)."""
+  while the file stays open; None when another process holds it (one command per output). A
+  bucket has no locks: an object that closes nothing."""
+  if kvstore.is_url(path):
+    return _NoLock()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   f = open(path, 'a')  # pylint: disable=consider-using-with
   try:
@@ -205,8 +284,11 @@ def place(tmp: str, final: str) -> None:
 def clean_temporaries(root: str, subfolders: Iterable[str] = ()) -> None:
   """Removes what a killed run left half-written: ``.tmp-*`` in ``root`` and its ``subfolders``.
 
-  Only for a folder no other command is writing (the callers hold its lock or own it).
+  Only for a folder no other command is writing (the callers hold its lock or own it). A bucket
+  holds no temporaries.
   """
+  if kvstore.is_url(root):
+    return
   for sub in (*subfolders, '.'):
     folder = os.path.join(root, sub)
     if os.path.isdir(folder):
@@ -230,24 +312,26 @@ def iter_manifest(root: str) -> Iterable[tuple[str, dict]]:
   """
   path = manifest_path(root)
   seen: dict[str, int] = {}
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f'{path}:{line_no}'
-      try:
-        obj = json.loads(line)
-      except ValueError as e:
-        raise ValueError(f'{where}: not valid JSON ({e})') from None
-      if not isinstance(obj, dict):
-        raise ValueError(f'{where}: a {type(obj).__name__}, not a JSON object')
-      problem = uid_problem(obj.get('uid'))
-      if problem:
-        raise ValueError(f'{where}: uid {problem}')
-      if obj['uid'] in seen:
-        raise ValueError(f'{where}: uid {obj["uid"]} is already on line {seen[obj["uid"]]}')
-      seen[obj['uid']] = line_no
-      yield where, obj
+  data = read_file(path)
+  if data is None:
+    raise FileNotFoundError(f'{path}: no such file')
+  for line_no, line in enumerate(data.decode('utf-8').splitlines(), start=1):
+    if not line.strip():
+      continue
+    where = f'{path}:{line_no}'
+    try:
+      obj = json.loads(line)
+    except ValueError as e:
+      raise ValueError(f'{where}: not valid JSON ({e})') from None
+    if not isinstance(obj, dict):
+      raise ValueError(f'{where}: a {type(obj).__name__}, not a JSON object')
+    problem = uid_problem(obj.get('uid'))
+    if problem:
+      raise ValueError(f'{where}: uid {problem}')
+    if obj['uid'] in seen:
+      raise ValueError(f'{where}: uid {obj["uid"]} is already on line {seen[obj["uid"]]}')
+    seen[obj['uid']] = line_no
+    yield where, obj
 
 
 def read_manifest(root: str) -> list[dict]:
@@ -259,7 +343,7 @@ def read_manifest(root: str) -> list[dict]:
 def write_manifest(root: str, records: Iterable[dict]) -> None:
   """Writes ROOT/manifest.jsonl atomically: one JSON object a line (sorted keys), by uid."""
   lines = [json.dumps(r, sort_keys=True) for r in sorted(records, key=lambda r: r['uid'])]
-  atomic_write(manifest_path(root), ''.join(l + '\n' for l in lines))
+  write_file(manifest_path(root), ''.join(l + '\n' for l in lines))
 
 
 def nonzero_box(array: np.ndarray) -> tuple[slice, ...] | None:
@@ -318,23 +402,23 @@ class JobRecords:
   def __init__(self, root: str, state_dir: str):
     self.root = os.fspath(root)
     self.state_dir = state_dir
-    self.folder = os.path.join(self.root, state_dir)
+    self.folder = kvstore.join(self.root, state_dir)
 
   def path(self, uid: str) -> str:
-    return os.path.join(self.folder, check_uid(uid) + '.json')
+    return kvstore.join(self.folder, check_uid(uid) + '.json')
 
   def load(self, uid: str) -> dict | None:
     """The study's record, or None when it has none (or an unreadable one)."""
     try:
-      with open(self.path(uid)) as f:
-        return json.load(f)
+      data = read_file(self.path(uid))
+      return None if data is None else json.loads(data)
     except (OSError, ValueError):
       return None
 
   def save(self, record: Mapping[str, Any]) -> None:
     """Writes ``record`` (which names its ``uid``) atomically, as JSON with sorted keys."""
-    os.makedirs(self.folder, exist_ok=True)
-    atomic_write(self.path(record['uid']), json.dumps(record, sort_keys=True))
+    make_folders(self.root, [self.state_dir])
+    write_file(self.path(record['uid']), json.dumps(record, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +441,9 @@ def _chunk_shapes(shape, read_chunk=READ_CHUNK) -> tuple[list[int], list[int]]:
 def spec(path: str, shape=None, dtype=None, attributes: Mapping[str, Any] | None = None,
          read_chunk=READ_CHUNK) -> dict:
   """TensorStore spec of a contract volume at ``path`` (created when shape is given)."""
-  s: dict[str, Any] = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.fspath(path)}}
+  path = os.fspath(path)
+  s: dict[str, Any] = {'driver': 'zarr3', 'kvstore': (
+      kvstore.spec(path) if kvstore.is_url(path) else {'driver': 'file', 'path': path})}
   if shape is not None:
     dt = np.dtype(dtype)
     inner, shard = _chunk_shapes(shape, read_chunk)
@@ -526,7 +612,20 @@ class ShardWriter:
     self._encoders = [_ShardEncoder(dtype, self._inner, self._shard, _blosc_args(metadata))
                       for _ in range(SHARD_THREADS)]
     self._rows = [-(-n // s) for n, s in zip(self.shape[1:], self._shard[1:])]
-    os.makedirs(path)
+    self._url = kvstore.is_url(path)
+    if not self._url:
+      os.makedirs(path)
+
+  def _put(self, key: str, parts) -> None:
+    """Writes the file (object) ``key`` of the array, made of ``parts``."""
+    if self._url:
+      kvstore.write_object(kvstore.join(self.path, key), b''.join(parts))
+      return
+    name = os.path.join(self.path, key)
+    os.makedirs(os.path.dirname(name), exist_ok=True)
+    with open(name, 'wb') as f:
+      for part in parts:
+        f.write(part)
 
   def write(self, z: int, slab: np.ndarray) -> None:
     """Writes the shards of z rows [z, z + len(slab)): ``z`` a multiple of slab_depth, ``slab``
@@ -543,11 +642,7 @@ class ShardWriter:
       for j, k in mine:
         encoded = encoder.encode(slab, (0, j * self._shard[1], k * self._shard[2]))
         if encoded is not None:
-          name = os.path.join(self.path, 'c', str(z // self.slab_depth), str(j), str(k))
-          os.makedirs(os.path.dirname(name), exist_ok=True)
-          with open(name, 'wb') as f:
-            for part in encoded:
-              f.write(part)
+          self._put(f'c/{z // self.slab_depth}/{j}/{k}', encoded)
 
     if len(shares) == 1:
       write_share(shares[0])
@@ -558,8 +653,7 @@ class ShardWriter:
 
   def close(self) -> None:
     """Writes zarr.json: the array is complete."""
-    with open(os.path.join(self.path, ZARR_JSON), 'wb') as f:
-      f.write(self._zarr_json)
+    self._put(ZARR_JSON, [self._zarr_json])
 
 
 def write_shards(path: str, array: np.ndarray,
@@ -583,7 +677,22 @@ def new_array(root: str, kind: str, uid: str, shape, dtype,
               attributes: Mapping[str, Any] | None = None) -> Iterator[ShardWriter]:
   """A ``ShardWriter`` for ROOT/<kind>/<uid>/ under a temporary name, ``place``d (replacing any
   older one) when the block ends, after the caller wrote every slab; on an error the temporary
-  is removed and what was there before is untouched."""
+  is removed and what was there before is untouched.
+
+  In a bucket (no renames) the array is written in place, after removing any older one: its
+  zarr.json, last, marks it complete, and on an error what was written is removed.
+  """
+  if kvstore.is_url(root):
+    final = array_path(root, kind, uid)
+    kvstore.delete_folder(final)
+    try:
+      writer = ShardWriter(final, shape, dtype, attributes)
+      yield writer
+      writer.close()
+    except BaseException:
+      kvstore.delete_folder(final)
+      raise
+    return
   tmp = new_temp_dir(os.path.join(root, kind), uid)
   final = array_path(root, kind, uid)
   try:
@@ -608,6 +717,9 @@ def put_array(root: str, kind: str, uid: str, array: np.ndarray,
 def remove_array(root: str, kind: str, uid: str) -> None:
   """Removes ROOT/<kind>/<uid>/ if it exists."""
   path = array_path(root, kind, uid)
+  if kvstore.is_url(path):
+    kvstore.delete_folder(path)
+    return
   if os.path.exists(path):
     shutil.rmtree(path)
 
@@ -632,9 +744,11 @@ def open_array(path: str, context: ts.Context | None = None) -> ts.TensorStore:
 
 
 def read_attributes(path: str) -> dict:
-  """The zarr3 attributes (geometry) of a volume, without opening TensorStore."""
-  with open(os.path.join(path, ZARR_JSON)) as f:
-    return json.load(f).get('attributes', {})
+  """The zarr3 attributes (geometry) of a volume, without opening a TensorStore array."""
+  data = read_file(kvstore.join(path, ZARR_JSON))
+  if data is None:
+    raise FileNotFoundError(f'{kvstore.join(path, ZARR_JSON)}: no such file')
+  return json.loads(data).get('attributes', {})
 
 
 def read_array(path: str, context: ts.Context | None = None) -> np.ndarray:
