@@ -86,14 +86,27 @@ def discover(root: str) -> list[dict]:
   manifest or a log. Not a hash of the name either: a short hash of a name is found again by
   hashing a list of names.
   """
-  splits = [s for s in ('train', 'test') if os.path.isdir(os.path.join(root, f'{s}_images'))]
+  def subfolders(path):
+    if not os.path.isdir(path):
+      return None
+    return [n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))]
+
+  return jobs_from_listing(root, subfolders, os.path.isfile)
+
+
+def jobs_from_listing(root: str, subfolders, is_file) -> list[dict]:
+  """`discover`'s rules over any listing, so that a local folder and a bucket
+  (data_tools/beam_convert.py) give the same jobs: ``subfolders(path)`` names the folders in
+  ``path`` (None when it is not a folder), ``is_file(path)`` says whether a file is there."""
+  splits = [s for s in ('train', 'test') if subfolders(os.path.join(root, f'{s}_images'))
+            is not None]
   bases = ([(s, os.path.join(root, f'{s}_images'), f'{s}_images/') for s in splits] if splits
            else [('test', root, '--input')])
   seg_dir = os.path.join(root, store.INPUT_SEGMENTATIONS)
   jobs = []
   for split, base, shown in bases:
-    names = [n for n in sorted(os.listdir(base))
-             if not n.startswith('.') and os.path.isdir(os.path.join(base, n))
+    names = [n for n in sorted(subfolders(base) or [])
+             if not n.startswith('.')
              and not (base == root and n == store.INPUT_SEGMENTATIONS)]  # the masks, not a study
     for position, name in enumerate(names, start=1):
       job = {'uid': name, 'split': split, 'folder': os.path.join(base, name),
@@ -106,7 +119,7 @@ def discover(root: str) -> list[dict]:
       else:
         for ext in ('.nii', '.nii.gz'):
           cand = os.path.join(seg_dir, name + ext)
-          if os.path.isfile(cand):
+          if is_file(cand):
             job['segmentation'] = cand
       jobs.append(job)
   return jobs
