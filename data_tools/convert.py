@@ -23,7 +23,8 @@ converting everything it can, when any study failed (the manifest says why), and
 anything when INPUT holds no study folder or a malformed train.csv / train_bounding_boxes.csv (the
 message names the file, line and column); 2 for a usage error (a missing or bad flag, an INPUT that
 is not there). A study folder not named by a DICOM UID fails and is reported by its position
-("study folder #3 of train_images/"), never by its name.
+("study folder #3 of train_images/"), never by its name. With --runner=NAME (and --beam_options)
+the same conversion runs as an Apache Beam pipeline instead (data_tools/beam_convert.py).
 """
 from __future__ import annotations
 
@@ -460,6 +461,12 @@ def define_flags():
   flags.DEFINE_string('output', None, 'Converted dataset folder (created; reruns resume).')
   flags.DEFINE_integer('workers', 0, 'Parallel study conversions (0: all cores).')
   flags.DEFINE_bool('progress', True, 'Show a progress bar on stderr.')
+  flags.DEFINE_string('runner', None, 'Convert on this Apache Beam runner instead of the local '
+                      'process pool: DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, '
+                      'PortableRunner, ... (data_tools/beam_convert.py; needs the "beam" extra).')
+  flags.DEFINE_string('beam_options', '', 'With --runner: further Beam pipeline options, one '
+                      'shell-quoted string, e.g. --beam_options="--direct_running_mode='
+                      'multi_processing --direct_num_workers=8".')
 
 
 def main(argv):
@@ -469,9 +476,21 @@ def main(argv):
     raise cli.UsageError('--input and --output are required')
   if FLAGS.workers < 0:
     raise cli.UsageError(f'--workers={FLAGS.workers}: must be >= 0 (0: all cores)')
+  if FLAGS.beam_options and not FLAGS.runner:
+    raise cli.UsageError('--beam_options needs --runner')
+  if FLAGS.runner and FLAGS['workers'].present:
+    raise cli.UsageError('--workers sizes the process pool; with --runner the runner has its own '
+                         'options (e.g. --beam_options="--direct_num_workers=8")')
   workers = FLAGS.workers or os.cpu_count() or 1
   start = time.time()
-  records = run(FLAGS.input, FLAGS.output, workers, FLAGS.progress)
+  if FLAGS.runner:
+    try:
+      from data_tools import beam_convert  # deferred: only this path imports Apache Beam
+    except ImportError as e:
+      raise cli.UsageError(f'--runner needs Apache Beam ({e}): pip install ".[beam]"') from None
+    records = beam_convert.run(FLAGS.input, FLAGS.output, FLAGS.runner, FLAGS.beam_options)
+  else:
+    records = run(FLAGS.input, FLAGS.output, workers, FLAGS.progress)
   failed = [r for r in records if r['status'] != 'ok']
   ok = len(records) - len(failed)
   slices = sum(r.get('source_slices', 0) for r in records if r['status'] == 'ok')
