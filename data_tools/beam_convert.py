@@ -150,7 +150,7 @@ def _listing(root: str):
   files = set()
   for meta in FileSystems.match([FileSystems.join(root, '**')])[0].metadata_list:
     if meta.path.endswith('/') or not meta.path.startswith(root + '/'):
-      continue  # a "folder" placeholder some bucket consoles create
+      continue  # an empty "folder" object, which some bucket consoles create: no file
     files.add(meta.path)
     parts = meta.path[len(root) + 1:].split('/')
     for depth in range(len(parts) - 1):
@@ -172,7 +172,7 @@ def _read_tables(root: str, is_file) -> tuple[dict, dict]:
 
 
 def _convert_all(jobs: list[dict], labels: dict, boxes: dict, input_root: str, out: str,
-                  options: PipelineOptions) -> list[dict]:
+                 options: PipelineOptions) -> list[dict]:
   job_records = store.JobRecords(out, convert.STATE_DIR)
   records, todo = {}, []
   for job in jobs:
@@ -258,11 +258,12 @@ def convert_one(job: dict, out: str, labels, boxes, copy_input: bool) -> dict:
   """`convert._worker` on one study (a local copy of it when ``copy_input``). Anything it raises
   is recorded as the study's failure, so that one study never fails the pipeline; only a record
   that cannot be saved (OUTPUT unwritable) raises."""
+  worker = convert._worker  # pylint: disable=protected-access  (the pool's: the same files)
   try:
     if not copy_input:
-      return convert._worker((job, out, labels, boxes))  # pylint: disable=protected-access
+      return worker((job, out, labels, boxes))
     with tempfile.TemporaryDirectory(prefix='cspine-study-') as tmp:
-      return convert._worker((_fetch(job, tmp), out, labels, boxes))  # pylint: disable=protected-access
+      return worker((_fetch(job, tmp), out, labels, boxes))
   except Exception as e:  # pylint: disable=broad-except
     logging.exception('study %s', job['uid'])
     record = convert._failed(  # pylint: disable=protected-access

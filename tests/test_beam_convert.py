@@ -83,7 +83,8 @@ def _tree(root: str) -> dict[str, bytes | None]:
 def _assert_same_tree(a: str, b: str) -> None:
   ta, tb = _tree(a), _tree(b)
   assert len(ta) > 40  # arrays, levels, records: the walk saw the output
-  differ = sorted(k for k in set(ta) | set(tb) if ta.get(k, b'<missing>') != tb.get(k, b'<missing>'))
+  missing = b'<missing>'
+  differ = sorted(k for k in set(ta) | set(tb) if ta.get(k, missing) != tb.get(k, missing))
   assert not differ, differ
 
 
