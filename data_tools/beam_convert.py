@@ -34,9 +34,10 @@ fail the pipeline: rerun the command to go on, the studies already done are kept
 
 With a local OUTPUT the command takes the same locks as the pool (one command per folder, either
 kind), and a worker on the command's machine holds the workers' lock while it converts a study and
-converts nothing once the command is gone: `kill -9` of the command lets its worker processes
-finish the study in hand only, and a rerun waits for them. With an OUTPUT URL the runner's
-workers are elsewhere: run one command per OUTPUT.
+starts none once the command is gone: after a `kill -9` of the command a rerun waits for its
+worker processes (the DirectRunner's exit within ~2 s, when their connection to the command
+closes) and none writes beside it. With an OUTPUT URL the runner's workers are elsewhere: run one
+command per OUTPUT.
 """
 from __future__ import annotations
 
@@ -358,11 +359,12 @@ def _while_driver_lives(out: str, driver: tuple | None):
   """Holds OUTPUT's workers' lock (shared) while a study is converted, as the pool's workers do,
   and refuses to start one once the command that started the pipeline is gone.
 
-  A runner's worker processes outlive a `kill -9` of the command (the DirectRunner's run under a
-  shell, past the pool's parent-death signal) and go on with the studies they were handed: a rerun
-  would write the same studies at the same time. With this, the rerun waits (convert._lock_output)
-  for the study in hand, and the orphan converts no other. Only on the command's machine: the
-  locks are files of it (OUTPUT is local there; the pool's lock files, not arrays)."""
+  A runner's worker processes can outlive a `kill -9` of the command (the DirectRunner's run under
+  a shell, out of reach of a parent-death signal; they exit when their connection to the command
+  closes, ~2 s later, but nothing promises it), possibly with studies still in hand: a rerun would
+  write the same studies at the same time. With this, the rerun waits (convert._lock_output) for
+  the study in hand, and an orphan starts no other. Only on the command's machine: the locks are
+  files of it (OUTPUT is local there; the pool's lock files, not arrays)."""
   if driver is None or driver[0] != socket.gethostname():
     yield
     return
