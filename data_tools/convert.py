@@ -23,7 +23,8 @@ converting everything it can, when any study failed (the manifest says why), and
 anything when INPUT holds no study folder or a malformed train.csv / train_bounding_boxes.csv (the
 message names the file, line and column); 2 for a usage error (a missing or bad flag, an INPUT that
 is not there). A study folder not named by a DICOM UID fails and is reported by its position
-("study folder #3 of train_images/"), never by its name.
+("study folder #3 of train_images/"), never by its name. With --runner=NAME (and --beam_options)
+the same conversion runs as an Apache Beam pipeline instead (data_tools/beam_convert.py).
 """
 from __future__ import annotations
 
@@ -87,14 +88,27 @@ def discover(root: str) -> list[dict]:
   manifest or a log. Not a hash of the name either: a short hash of a name is found again by
   hashing a list of names.
   """
-  splits = [s for s in ('train', 'test') if os.path.isdir(os.path.join(root, f'{s}_images'))]
+  def subfolders(path):
+    if not os.path.isdir(path):
+      return None
+    return [n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))]
+
+  return jobs_from_listing(root, subfolders, os.path.isfile)
+
+
+def jobs_from_listing(root: str, subfolders, is_file) -> list[dict]:
+  """`discover`'s rules over any listing, so that a local folder and a bucket
+  (data_tools/beam_convert.py) give the same jobs: ``subfolders(path)`` names the folders in
+  ``path`` (None when it is not a folder), ``is_file(path)`` says whether a file is there."""
+  splits = [s for s in ('train', 'test') if subfolders(os.path.join(root, f'{s}_images'))
+            is not None]
   bases = ([(s, os.path.join(root, f'{s}_images'), f'{s}_images/') for s in splits] if splits
            else [('test', root, '--input')])
   seg_dir = os.path.join(root, store.INPUT_SEGMENTATIONS)
   jobs = []
   for split, base, shown in bases:
-    names = [n for n in sorted(os.listdir(base))
-             if not n.startswith('.') and os.path.isdir(os.path.join(base, n))
+    names = [n for n in sorted(subfolders(base) or [])
+             if not n.startswith('.')
              and not (base == root and n == store.INPUT_SEGMENTATIONS)]  # the masks, not a study
     for position, name in enumerate(names, start=1):
       job = {'uid': name, 'split': split, 'folder': os.path.join(base, name),
@@ -107,7 +121,7 @@ def discover(root: str) -> list[dict]:
       else:
         for ext in ('.nii', '.nii.gz'):
           cand = os.path.join(seg_dir, name + ext)
-          if os.path.isfile(cand):
+          if is_file(cand):
             job['segmentation'] = cand
       jobs.append(job)
   return jobs
@@ -457,6 +471,12 @@ def define_flags():
                       '"Object stores").')
   flags.DEFINE_integer('workers', 0, 'Parallel study conversions (0: all cores).')
   flags.DEFINE_bool('progress', True, 'Show a progress bar on stderr.')
+  flags.DEFINE_string('runner', None, 'Convert on this Apache Beam runner instead of the local '
+                      'process pool: DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, '
+                      'PortableRunner, ... (data_tools/beam_convert.py; needs the "beam" extra).')
+  flags.DEFINE_string('beam_options', '', 'With --runner: further Beam pipeline options, one '
+                      'shell-quoted string, e.g. --beam_options="--direct_running_mode='
+                      'multi_processing --direct_num_workers=8".')
 
 
 def main(argv):
@@ -466,9 +486,21 @@ def main(argv):
     raise cli.UsageError('--input and --output are required')
   if FLAGS.workers < 0:
     raise cli.UsageError(f'--workers={FLAGS.workers}: must be >= 0 (0: all cores)')
+  if FLAGS.beam_options and not FLAGS.runner:
+    raise cli.UsageError('--beam_options needs --runner')
+  if FLAGS.runner and FLAGS['workers'].present:
+    raise cli.UsageError('--workers sizes the process pool; with --runner the runner has its own '
+                         'options (e.g. --beam_options="--direct_num_workers=8")')
   workers = FLAGS.workers or os.cpu_count() or 1
   start = time.time()
-  records = run(FLAGS.input, FLAGS.output, workers, FLAGS.progress)
+  if FLAGS.runner:
+    try:
+      from data_tools import beam_convert  # deferred: only this path imports Apache Beam
+    except ImportError as e:
+      raise cli.UsageError(f'--runner needs Apache Beam ({e}): pip install ".[beam]"') from None
+    records = beam_convert.run(FLAGS.input, FLAGS.output, FLAGS.runner, FLAGS.beam_options)
+  else:
+    records = run(FLAGS.input, FLAGS.output, workers, FLAGS.progress)
   failed = [r for r in records if r['status'] != 'ok']
   ok = len(records) - len(failed)
   slices = sum(r.get('source_slices', 0) for r in records if r['status'] == 'ok')

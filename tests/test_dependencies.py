@@ -24,8 +24,8 @@ PACKAGE_DIRS = ('cspine_jax', 'data_tools', 'configs')
 FIRST_PARTY = {'cspine_jax', 'data_tools', 'configs', 'tests'}
 # Import name -> distribution name, for every third-party module the code imports.
 DISTRIBUTIONS = {
-    'absl': 'absl-py', 'dcm2niix': 'dcm2niix', 'flax': 'flax', 'gdcm': 'python-gdcm',
-    'grain': 'grain',
+    'absl': 'absl-py', 'apache_beam': 'apache-beam', 'boto3': 'apache-beam',
+    'dcm2niix': 'dcm2niix', 'flax': 'flax', 'gdcm': 'python-gdcm', 'grain': 'grain',
     'highdicom': 'highdicom', 'imagecodecs': 'imagecodecs', 'jax': 'jax',
     'ml_collections': 'ml-collections', 'moto': 'moto',
     'monai': 'monai', 'nibabel': 'nibabel', 'numpy': 'numpy', 'optax': 'optax',
@@ -33,7 +33,11 @@ DISTRIBUTIONS = {
     'pydicom': 'pydicom', 'pytest': 'pytest', 'scipy': 'scipy', 'SimpleITK': 'SimpleITK',
     'sklearn': 'scikit-learn', 'tensorboardX': 'tensorboardX', 'tensorstore': 'tensorstore',
     'torch': 'torch', 'tqdm': 'tqdm', 'vit_pytorch': 'vit-pytorch',
-}  # packaging: the tests' own requirement parser, installed with pytest (its dependency)
+}  # packaging: the tests' own requirement parser, installed with pytest (its dependency); boto3:
+#    installed with apache-beam[aws] (its "aws" extra's), the tests' S3 client.
+# Modules only an extra's users import (the rest of the package never does): their module-level
+# imports may come from that extra.
+EXTRA_MODULES = {'data_tools/beam_convert.py': 'beam'}
 
 
 def _requirements(section: str, key: str) -> list[Requirement]:
@@ -122,8 +126,16 @@ def test_every_import_of_the_package_is_declared():
   assert {'jax', 'flax', 'pydicom', 'gdcm', 'imagecodecs'} <= set(top)  # the walk saw the code
   unmapped = sorted((set(top) | set(deferred)) - set(DISTRIBUTIONS))
   assert not unmapped, f'add these to DISTRIBUTIONS: {unmapped}'
-  # A module-level import runs on every use of its module: install_requires.
-  missing = {m: w for m, w in top.items() if canonicalize_name(DISTRIBUTIONS[m]) not in install}
+  # A module-level import runs on every use of its module: install_requires, or the extra of a
+  # module only that extra's users import.
+  extra_of = {path: _names(_extras()[extra]) for path, extra in EXTRA_MODULES.items()}
+  assert all(os.path.isfile(os.path.join(repo_root(), p)) for p in EXTRA_MODULES)
+
+  def declared(module, where):
+    dist = canonicalize_name(DISTRIBUTIONS[module])
+    return dist in install or dist in extra_of.get(where.rsplit(':', 1)[0], set())
+
+  missing = {m: bad for m, w in top.items() if (bad := [x for x in w if not declared(m, x)])}
   assert not missing, missing
   # One inside a function (torch, MONAI, SimpleITK in the benchmarks) may be an extra's.
   missing = {m: w for m, w in deferred.items()
@@ -132,6 +144,39 @@ def test_every_import_of_the_package_is_declared():
   # And nothing is required that no code imports.
   used = {canonicalize_name(DISTRIBUTIONS[m]) for m in top}
   assert install - used == set()
+
+
+def _module_level(tree):
+  """The nodes run when the module is imported (not those inside a function, run on use)."""
+  stack = list(tree.body)
+  while stack:
+    node = stack.pop()
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+      yield node
+      stack.extend(ast.iter_child_nodes(node))
+
+
+def test_extra_modules_are_imported_by_nothing_else():
+  """An extra-only module stays one: the rest of the package imports it only inside a function
+  (data_tools.convert, on --runner), so the pool and the training stack never need the extra."""
+  extra_modules = {os.path.splitext(p)[0].replace('/', '.') for p in EXTRA_MODULES}
+  found = []
+  for folder in PACKAGE_DIRS:
+    for dirpath, _, files in os.walk(os.path.join(repo_root(), folder)):
+      for name in sorted(f for f in files if f.endswith('.py')):
+        path = os.path.join(dirpath, name)
+        with open(path) as f:
+          tree = ast.parse(f.read(), path)
+        for node in _module_level(tree):
+          if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+          elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module] + [f'{node.module}.{a.name}' for a in node.names]
+          else:
+            continue
+          if extra_modules & set(names):
+            found.append(f'{os.path.relpath(path, repo_root())}:{node.lineno}')
+  assert not found, found
 
 
 def test_every_import_of_the_tests_is_in_the_test_extra():

@@ -235,3 +235,12 @@ def test_urls_map_onto_the_drivers_options(monkeypatch):
   assert store.array_path('s3://b/p', 'volumes', '1.2') == 's3://b/p/volumes/1.2'
   with pytest.raises(cli.UsageError, match='no bucket name'):
     kvstore.normalize('s3:///x')
+
+
+def test_beam_converts_into_a_bucket_as_the_pool_does(s3, synthetic_converted):
+  from data_tools import beam_convert  # pylint: disable=import-outside-toplevel
+  url = f's3://{BUCKET}/beam'
+  records = beam_convert.run(synthetic_converted[0], url, 'DirectRunner',
+                             '--direct_running_mode=in_memory')
+  assert len(records) == 11 and all(r['status'] == 'ok' for r in records)
+  assert _bucket_files(url) == _local_files(synthetic_converted[1])  # (converted_s3: localized)
