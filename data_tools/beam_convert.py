@@ -205,6 +205,26 @@ def _convert_all(jobs: list[dict], labels: dict, boxes: dict, input_root: str, o
   return result
 
 
+@contextlib.contextmanager
+def _own_temp_folder():
+  """Points this process's and its workers' temporary files into a folder removed afterwards.
+
+  Each DirectRunner run leaves folders in the temp dir (beam-temp*, tmp*, beam-requirements-cache:
+  four per run, measured), so every conversion and test run would litter /tmp.
+  """
+  old_env, old_tempdir = os.environ.get('TMPDIR'), tempfile.tempdir
+  with tempfile.TemporaryDirectory(prefix='cspine-beam-') as folder:
+    os.environ['TMPDIR'] = tempfile.tempdir = folder
+    try:
+      yield
+    finally:
+      tempfile.tempdir = old_tempdir
+      if old_env is None:
+        os.environ.pop('TMPDIR', None)
+      else:
+        os.environ['TMPDIR'] = old_env
+
+
 def _run_pipeline(options: PipelineOptions, elements: list, convert_fn: beam.DoFn) -> None:
   pipeline = beam.Pipeline(options=options)
   _ = (pipeline
@@ -213,7 +233,8 @@ def _run_pipeline(options: PipelineOptions, elements: list, convert_fn: beam.DoF
        | 'Spread' >> beam.Reshuffle()
        | 'Convert' >> beam.ParDo(convert_fn))
   try:
-    state = pipeline.run().wait_until_finish()
+    with _own_temp_folder():
+      state = pipeline.run().wait_until_finish()
   except Exception as e:  # pylint: disable=broad-except
     raise cli.Failure(f'the Beam pipeline failed ({type(e).__name__}: {e}); rerun the command to '
                       'go on: the studies already converted are kept') from e

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -237,10 +238,16 @@ def test_urls_map_onto_the_drivers_options(monkeypatch):
     kvstore.normalize('s3:///x')
 
 
-def test_beam_converts_into_a_bucket_as_the_pool_does(s3, synthetic_converted):
+def test_beam_converts_into_a_bucket_as_the_pool_does(s3, synthetic_converted, tmp_path,
+                                                      monkeypatch):
   from data_tools import beam_convert  # pylint: disable=import-outside-toplevel
   url = f's3://{BUCKET}/beam'
+  temp = tmp_path / 'temp'  # the process's temp dir: the run leaves nothing there
+  temp.mkdir()
+  monkeypatch.setenv('TMPDIR', str(temp))
+  monkeypatch.setattr(tempfile, 'tempdir', str(temp))
   records = beam_convert.run(synthetic_converted[0], url, 'DirectRunner',
                              '--direct_running_mode=in_memory')
   assert len(records) == 11 and all(r['status'] == 'ok' for r in records)
   assert _bucket_files(url) == _local_files(synthetic_converted[1])  # (converted_s3: localized)
+  assert os.listdir(temp) == []
