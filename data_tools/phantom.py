@@ -43,6 +43,29 @@ _LEVELS = (
 DISC_MM = 4.5
 
 
+@dataclasses.dataclass(frozen=True)
+class Anatomy:
+  """The uniform ranges a phantom's anatomy is drawn from (mm, or factors)."""
+  scale: tuple = (0.9, 1.1)  # every size of the spine
+  level_jitter: tuple = (0.95, 1.05)  # each body's height, on top of the scale
+  disc_scale: tuple | None = None  # each disc's height factor; None: the scale alone
+  neck_ax: tuple = (52, 66)  # the neck's lateral and AP semi-axes
+  neck_ay: tuple = (46, 56)
+  lordosis: tuple = (0, 8)  # anterior bow of the mid-neck (negative: a kyphosis)
+  tilt: float = 0.05  # lateral drift of the spine per mm of z, +-
+
+
+# 'standard': what every demo, test and tuning run draws from. 'shifted': other proportions
+# (a wider size range, discs 0.6-1.4x, slimmer and thicker necks, straightened or kyphotic and
+# more tilted spines), for measuring how a model tuned on 'standard' holds on anatomy it was
+# never tuned on (data_tools.synthetic --variant=shifted; issue 18).
+ANATOMIES = {
+    'standard': Anatomy(),
+    'shifted': Anatomy(scale=(0.8, 1.25), level_jitter=(0.88, 1.12), disc_scale=(0.6, 1.4),
+                       neck_ax=(44, 76), neck_ay=(38, 64), lordosis=(-6, 16), tilt=0.12),
+}
+
+
 @dataclasses.dataclass
 class Vertebra:
   name: str
@@ -77,25 +100,31 @@ class Phantom:
     return x, y
 
 
-def make_phantom(rng: np.random.Generator, z_top_of_c1: float, fractured: set[str]) -> Phantom:
-  """Random anatomy; vertebrae in ``fractured`` (names C1..C7) get 1-2 fracture lines each."""
-  scale = rng.uniform(0.9, 1.1)
+def make_phantom(rng: np.random.Generator, z_top_of_c1: float, fractured: set[str],
+                 anatomy: Anatomy = ANATOMIES['standard']) -> Phantom:
+  """Random anatomy; vertebrae in ``fractured`` (names C1..C7) get 1-2 fracture lines each.
+
+  The 'standard' anatomy draws exactly the numbers it always drew (datasets stay the same).
+  """
+  a = anatomy
+  scale = rng.uniform(*a.scale)
   vertebrae = []
   z = z_top_of_c1
   for name, label, height, rx, ry in _LEVELS:
-    h = height * scale * rng.uniform(0.95, 1.05)
+    h = height * scale * rng.uniform(*a.level_jitter)
     vertebrae.append(Vertebra(name, label, z, z - h, rx * scale, ry * scale, []))
     # C1 sits on the C2 lateral masses with no disc; below C2 each body has a disc under it.
-    z = z - h - (1.5 if name == 'C1' else DISC_MM * scale)
+    disc = DISC_MM * scale * (rng.uniform(*a.disc_scale) if a.disc_scale else 1.0)
+    z = z - h - (1.5 if name == 'C1' else disc)
   z_len = vertebrae[0].z_top - vertebrae[6].z_bot
   phantom = Phantom(
       neck_center=(rng.uniform(-6, 6), rng.uniform(-8, 4)),
-      neck_axes=(rng.uniform(52, 66), rng.uniform(46, 56)),
+      neck_axes=(rng.uniform(*a.neck_ax), rng.uniform(*a.neck_ay)),
       fat_mm=rng.uniform(4, 10),
       spine_x=rng.uniform(-4, 4),
       spine_y=rng.uniform(4, 12),
-      lordosis_mm=rng.uniform(0, 8),
-      tilt_x=rng.uniform(-0.05, 0.05),
+      lordosis_mm=rng.uniform(*a.lordosis),
+      tilt_x=rng.uniform(-a.tilt, a.tilt),
       z_occiput=z_top_of_c1 + rng.uniform(3, 5),
       vertebrae=vertebrae,
       z_mid=z_top_of_c1 - 0.5 * z_len,

@@ -91,9 +91,38 @@ class Study:
     return (n - z) if self.feet_first else (z + 1)
 
 
-def study_uid(seed: int, index: int, split: str) -> str:
-  return generate_uid(prefix='1.2.826.0.1.3680043.8.498.', entropy_srcs=[
-      'cspine-synthetic', str(seed), split, str(index)])
+@dataclasses.dataclass(frozen=True)
+class Acquisition:
+  """The uniform ranges of a study's scan: field of view and slices (mm, or factors)."""
+  fov: tuple = (150, 185)  # in-plane field of view
+  dz_factor: tuple = (0.9, 1.4)  # slice spacing / pixel spacing (at least 0.5 mm)
+  max_dz: float | None = None  # mm; thicker slices could miss all of C1 (a 6-10 mm ring)
+  above_occiput: tuple = (12, 25)  # the scan's top above the occiput's underside
+  # The scan's bottom: below the body of one of these levels (index into C1..T4, drawn), by
+  # this much (negative: the level is cut).
+  bottom_levels: tuple = (8, 8)
+  below_bottom: tuple = (0, 12)
+
+
+# --variant: the anatomy (phantom.ANATOMIES) and acquisition a study is drawn from. 'standard'
+# is every dataset's so far; 'shifted' is kept out of every tuning loop, to measure how what was
+# tuned on 'standard' holds elsewhere: other proportions, fields of view of 130-230 mm, slices
+# 0.7-2x the pixel spacing, scans from just below the occiput (sometimes cutting it) to C7
+# (sometimes cutting it) or T4.
+VARIANTS = {
+    'standard': (phantom_lib.ANATOMIES['standard'], Acquisition()),
+    'shifted': (phantom_lib.ANATOMIES['shifted'],
+                Acquisition(fov=(130, 230), dz_factor=(0.7, 2.0), max_dz=6.0,
+                            above_occiput=(-2, 40),
+                            bottom_levels=(6, 10), below_bottom=(-3, 12))),
+}
+
+
+def study_uid(seed: int, index: int, split: str, variant: str = 'standard') -> str:
+  entropy = ['cspine-synthetic', str(seed), split, str(index)]
+  if variant != 'standard':  # never the UID of a standard study (a standard one's is unchanged)
+    entropy.append(variant)
+  return generate_uid(prefix='1.2.826.0.1.3680043.8.498.', entropy_srcs=entropy)
 
 
 def sample_fractures(rng: np.random.Generator) -> np.ndarray:
@@ -109,23 +138,31 @@ def sample_fractures(rng: np.random.Generator) -> np.ndarray:
 
 
 def make_study(seed: int, index: int, size: int, split: str = 'train',
-               labels: np.ndarray | None = None, **overrides) -> Study:
-  """Draws one study (deterministic in seed, index, split, size).
+               labels: np.ndarray | None = None, variant: str = 'standard',
+               **overrides) -> Study:
+  """Draws one study (deterministic in seed, index, split, size, variant).
 
   ``overrides`` force quirks for tests: storage (a STORAGES key), transfer_syntax, feet_first,
   mirrored (bool).
   """
-  rng = np.random.default_rng([seed, index, 0 if split == 'train' else 1, size])
+  anatomy, acq = VARIANTS[variant]
+  key = [seed, index, 0 if split == 'train' else 1, size]
+  rng = np.random.default_rng(key + ([list(VARIANTS).index(variant)] if variant != 'standard'
+                                     else []))
   if labels is None:
     labels = sample_fractures(rng)
   fractured = {constants.VERTEBRAE[i] for i in range(7) if labels[1 + i]}
-  fov = rng.uniform(150, 185)
+  fov = rng.uniform(*acq.fov)
   dxy = round(fov / size, 4)
-  dz = round(max(0.5, dxy * rng.uniform(0.9, 1.4)), 3)
+  dz = round(max(0.5, dxy * rng.uniform(*acq.dz_factor)), 3)
+  if acq.max_dz:
+    dz = min(dz, acq.max_dz)
   z_c1 = rng.uniform(-60, 60)
-  ph = phantom_lib.make_phantom(rng, z_c1, fractured)
-  z_top = ph.z_occiput + rng.uniform(12, 25)
-  z_bottom = ph.vertebrae[8].z_bot - rng.uniform(0, 12)  # down to T2-T3
+  ph = phantom_lib.make_phantom(rng, z_c1, fractured, anatomy)
+  z_top = ph.z_occiput + rng.uniform(*acq.above_occiput)
+  lo, hi = acq.bottom_levels
+  bottom = lo if lo == hi else int(rng.integers(lo, hi + 1))  # standard: below T2, no draw
+  z_bottom = ph.vertebrae[bottom].z_bot - rng.uniform(*acq.below_bottom)
   n_slices = int(np.ceil((z_top - z_bottom) / dz))
   mirrored = overrides.get('mirrored', rng.random() < 0.15)
   row_dir = np.array([-1.0 if mirrored else 1.0, 0.0, 0.0])
@@ -176,7 +213,7 @@ def make_study(seed: int, index: int, size: int, split: str = 'train',
       'AccessionNumber': f'ACC{rng.integers(1e8):08d}',
   }
   return Study(
-      uid=study_uid(seed, index, split), index=index, hu=hu, labels_volume=lab,
+      uid=study_uid(seed, index, split, variant), index=index, hu=hu, labels_volume=lab,
       fracture_labels=labels, spacing=(dz, dxy, dxy), origin=origin, row_dir=row_dir,
       col_dir=col_dir, feet_first=bool(feet_first), storage=storage,
       transfer_syntax=transfer_syntax, boxes=boxes, phi=phi, pad_outside_fov=pad)
@@ -337,20 +374,21 @@ def write_study(study: Study, output: str, split: str = 'train', seg_layout=None
 
 def _write_one(args) -> dict:
   """Generates and writes one study (a worker's unit)."""
-  seed, index, size, split, with_seg, output = args
-  study = make_study(seed, index, size, split)
+  seed, index, size, split, with_seg, output, variant = args
+  study = make_study(seed, index, size, split, variant=variant)
   layout = NIFTI_LAYOUTS[index % len(NIFTI_LAYOUTS)] if with_seg else None
   return write_study(study, output, split, layout)
 
 
 def generate(output: str, studies: int, size: int = 64, seed: int = 0, test_studies: int = 1,
-             seg_fraction: float = 0.6, workers: int = 1) -> list[dict]:
+             seg_fraction: float = 0.6, workers: int = 1,
+             variant: str = 'standard') -> list[dict]:
   """Writes the whole dataset; returns one record per study (uid, split, labels, boxes)."""
   for sub in ('train_images', 'test_images', store.INPUT_SEGMENTATIONS):
     os.makedirs(os.path.join(output, sub), exist_ok=True)
   n_seg = int(round(seg_fraction * studies)) if studies > 1 else studies
-  jobs = [(seed, i, size, 'train', i < n_seg, output) for i in range(studies)]
-  jobs += [(seed, i, size, 'test', False, output) for i in range(test_studies)]
+  jobs = [(seed, i, size, 'train', i < n_seg, output, variant) for i in range(studies)]
+  jobs += [(seed, i, size, 'test', False, output, variant) for i in range(test_studies)]
   if workers > 1:
     with multiprocessing.get_context('spawn').Pool(workers) as pool:
       records = pool.map(_write_one, jobs, chunksize=1)
@@ -394,6 +432,9 @@ def define_flags():
   flags.DEFINE_integer('test_studies', 1, 'Number of unlabelled studies under test_images/.')
   flags.DEFINE_float('seg_fraction', 0.6, 'Fraction of training studies with a NIfTI mask.')
   flags.DEFINE_integer('workers', 0, 'Parallel processes (0: all cores).')
+  flags.DEFINE_enum('variant', 'standard', list(VARIANTS), 'Anatomy and acquisition ranges: '
+                    'standard (every dataset so far), or shifted (other proportions, fields of '
+                    'view and slice spacings, kept out of tuning: a generalization check).')
 
 
 def main(argv):
@@ -410,7 +451,7 @@ def main(argv):
     raise cli.UsageError(f'--output {FLAGS.output} is a file, not a folder')
   workers = FLAGS.workers or os.cpu_count() or 1
   records = generate(FLAGS.output, FLAGS.studies, FLAGS.size, FLAGS.seed, FLAGS.test_studies,
-                     FLAGS.seg_fraction, workers)
+                     FLAGS.seg_fraction, workers, FLAGS.variant)
   n_pos = sum(r['labels'][0] for r in records if r['split'] == 'train')
   print(f'wrote {len(records)} studies ({FLAGS.studies} train, {n_pos} with fractures; '
         f'{FLAGS.test_studies} test) to {FLAGS.output}')

@@ -493,3 +493,28 @@ def test_synthetic_jpeg_lossless_study_is_byte_reproducible(tmp_path):
     time.sleep(0.01)  # the clock moves between the runs
   assert files[0].keys() == files[1].keys()
   assert all(files[0][n] == files[1][n] for n in files[0])
+
+
+def test_shifted_variant_draws_other_anatomy_and_scans_and_converts(tmp_path):
+  """--variant=shifted (the generalization check of issue 18) draws outside the standard ranges,
+  deterministically, under UIDs no standard study has; its studies and masks convert."""
+  std = [synthetic.make_study(0, i, 64) for i in range(8)]  # the demo's size
+  shifted = [synthetic.make_study(0, i, 64, variant='shifted') for i in range(8)]
+  assert not {s.uid for s in std} & {s.uid for s in shifted}
+  again = synthetic.make_study(0, 3, 64, variant='shifted')
+  assert again.uid == shifted[3].uid and np.array_equal(again.hu, shifted[3].hu)
+  fov = lambda s: s.spacing[1] * 64
+  ratio = lambda s: s.spacing[0] / s.spacing[1]
+  assert all(150 <= fov(s) <= 185 for s in std) and all(0.9 <= ratio(s) < 1.41 for s in std)
+  # Outside both standard ranges, on this seed: wider fields of view and thicker slices.
+  assert max(fov(s) for s in shifted) > 190 and max(ratio(s) for s in shifted) > 1.5
+  # Scans end anywhere from C7 to T4 (standard: always below T2, label 9), some above T2.
+  assert {int(s.labels_volume.max()) for s in std} <= {9, 10}
+  assert min(int(s.labels_volume.max()) for s in shifted) < 9
+  raw, out = str(tmp_path / 'raw'), str(tmp_path / 'out')
+  records = synthetic.generate(raw, studies=2, size=32, seed=0, test_studies=0, seg_fraction=1,
+                               variant='shifted')
+  converted = convert.run(raw, out, workers=1, progress=False)
+  assert [r['status'] for r in converted] == ['ok', 'ok']
+  assert {r['uid'] for r in records} == {s.uid for s in shifted[:2]}
+  assert all(r['has_segmentation'] and 'C1' in r['vertebra_boxes'] for r in converted)
