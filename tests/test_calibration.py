@@ -5,8 +5,12 @@ import json
 import numpy as np
 import pytest
 
+from configs import demo
+from cspine_jax import calibrate
 from cspine_jax import calibration
+from cspine_jax import cli
 from cspine_jax import metrics
+from cspine_jax.data import manifest
 
 
 def _grid_temperature(z, t, lo=0.05, hi=20.0, n=200_001):
@@ -146,3 +150,35 @@ def test_record_load_and_errors(tmp_path):
   open(calibration.path(w), 'w').write('{not json')
   with pytest.raises(ValueError, match='calibration.json: not a calibration record'):
     calibration.load(w)
+
+
+def _study(uid, true_boxes, predicted_boxes):
+  return manifest.parse_study({'uid': uid, 'shape': [8, 8, 8], 'spacing_mm': [1, 1, 1],
+                               'labels': [0] * 8, 'has_segmentation': bool(true_boxes),
+                               'vertebra_boxes': true_boxes,
+                               'predicted_vertebra_boxes': predicted_boxes})
+
+
+def test_use_boxes_picks_the_box_source():
+  t, p = {'C1': [0, 0, 0, 2, 2, 2]}, {'C1': [1, 1, 1, 3, 3, 3]}
+  studies = [_study('1.1', t, p), _study('1.2', {}, p), _study('1.3', t, {}), _study('1.4', {}, {})]
+  auto = manifest.use_boxes(studies, 'auto')
+  assert [s.box_source for s in auto] == ['true', 'predicted', 'true', 'none']
+  predicted = manifest.use_boxes(studies, 'predicted')
+  assert [s.box_source for s in predicted] == ['predicted', 'predicted', 'none', 'none']
+  assert predicted[0].boxes == {'C1': tuple(p['C1'])} and predicted[0].has_segmentation
+  true = manifest.use_boxes(studies, 'true')
+  assert [s.uid for s in true] == ['1.1', '1.3'] and all(s.boxes == {'C1': tuple(t['C1'])}
+                                                         for s in true)
+  with pytest.raises(ValueError, match="boxes='both'"):
+    manifest.use_boxes(studies, 'both')
+
+
+def test_calibrate_refuses_a_run_without_a_validation_fold(synthetic_converted, tmp_path):
+  config = demo.get_config()
+  config.data.root = synthetic_converted[1]
+  config.data.fold = -1
+  (tmp_path / 'config.json').write_text(config.to_json_best_effort())
+  with pytest.raises(cli.UsageError, match='no validation fold'):
+    calibrate.run(str(tmp_path))
+  assert calibration.load(str(tmp_path)) is None
