@@ -28,10 +28,12 @@ def _close(it) -> None:
     close()
 
 
-def evaluate(config, predict: ImagesFn, mesh, split: str = 'eval', uids=None) -> dict:
-  """``predict``: images -> (B, 8) probabilities. Every study of ``split`` once; returns
-  {uids, probs, labels, labelled} on the host."""
-  it, count = pipeline.make_eval_iterator(config, split, uids=uids)
+def evaluate(config, predict: ImagesFn, mesh, split: str = 'eval', uids=None,
+             studies=None) -> dict:
+  """``predict``: images -> (B, 8) probabilities. Every study of ``split`` once (or of
+  ``uids``, or exactly the `manifest.Study` records ``studies``); returns {uids, probs, labels,
+  labelled} on the host."""
+  it, count = pipeline.make_eval_iterator(config, split, uids=uids, studies=studies)
   images = device_crop.images_fn(config)
   out = {'uids': [], 'probs': [], 'labels': [], 'labelled': []}
   sharding = parallel.batch_sharding(mesh)

@@ -21,6 +21,7 @@ import os
 from absl import flags
 import numpy as np
 
+from cspine_jax import calibration
 from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax.data import kaggle
@@ -89,7 +90,9 @@ def sensitivity_specificity(y: np.ndarray, score: np.ndarray, threshold: float
 
 
 def report(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
-  """Everything eval prints: RSNA score, per-target AUC, patient sensitivity/specificity."""
+  """Everything eval prints: RSNA score, per-target AUC, patient sensitivity/specificity, the
+  expected calibration error (10 equal-width bins: ``ece`` pooled over the 8 targets,
+  ``ece_<target>`` each; `calibration.ece_report`)."""
   labels, probs = np.asarray(labels), np.asarray(probs)
   out = {'rsna_score': rsna_score(labels, probs), 'scored_studies': int(len(labels))}
   for i, name in enumerate(constants.TARGETS):
@@ -101,6 +104,7 @@ def report(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dic
   # The constant-prevalence baseline on the same studies, for honest comparison.
   prevalence = np.broadcast_to(labels.mean(0, keepdims=True), labels.shape)
   out['constant_prevalence_score'] = rsna_score(labels, prevalence)
+  out.update(calibration.ece_report(probs, labels))
   return out
 
 

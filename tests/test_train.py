@@ -11,6 +11,9 @@ import time
 import numpy as np
 import pytest
 
+from cspine_jax import calibrate
+from cspine_jax import calibration
+from cspine_jax import constants
 from cspine_jax import eval as eval_lib
 from cspine_jax import metrics
 from cspine_jax import train_loop
@@ -71,6 +74,40 @@ def test_smoke_run_writes_metrics_checkpoints_and_eval(smoke_config, tmp_path):
   raw = os.path.dirname(smoke_config.data.root) + '/rsna'
   assert metrics.score_files(os.path.join(raw, 'train.csv'), out)['rsna_score'] == pytest.approx(
       summary['rsna_score'], abs=1e-5)
+  assert 0 <= summary['ece'] <= 1 and summary['calibration'].startswith('none')
+
+  # Calibration, fitted on the run's validation fold (data.fold=0 of 4: 3 of the 10 studies)...
+  record = calibrate.run(workdir)
+  fitted = record['fitted_on']
+  assert fitted['studies'] == 3 and fitted['fold'] == 0 and record['checkpoint_step'] == 6
+  assert set(fitted['uids']) == {s.uid for s in pipeline.split_studies(smoke_config, 'eval')}
+  assert all(t > 0 for t in record['temperatures'].values())
+  # ... and applied by eval: with temperatures set by hand, the written probabilities are the
+  # uncalibrated ones scaled, and the summary reports both scores and the ECE.
+  temps = dict(zip(constants.TARGETS, [0.5, 2.0, 1.0, 3.0, 1.0, 1.0, 0.25, 1.0]))
+  calibration.save(workdir, {**record, 'temperatures': temps})
+  out_cal = str(tmp_path / 'sub_cal.csv')
+  cal = eval_lib.run(workdir, smoke_config.data.root, 'latest', out_cal)
+  before, after = metrics.read_submission(out), metrics.read_submission(out_cal)
+  uids = sorted(before)
+  want = calibration.apply_temperatures(np.stack([before[u] for u in uids]), list(temps.values()))
+  np.testing.assert_allclose(np.stack([after[u] for u in uids]), want, atol=2e-5)
+  assert cal['calibration'] == calibration.path(workdir)
+  assert cal['uncalibrated_rsna_score'] == pytest.approx(summary['rsna_score'], abs=1e-6)
+  assert cal['uncalibrated_ece'] == pytest.approx(summary['ece'], abs=1e-6)
+  assert cal['rsna_score'] == pytest.approx(metrics.score_files(os.path.join(raw, 'train.csv'),
+                                                                out_cal)['rsna_score'], abs=1e-5)
+  # The 3 validation studies are among the 10 scored here: said, not hidden.
+  assert cal['calibration_fitted_on_scored_studies'] == 3
+  saved = json.load(open(str(tmp_path / 'sub_cal_metrics.json')))
+  assert saved['ece'] == pytest.approx(cal['ece']) and 'ece_patient_overall' in saved
+  # Fitted on another checkpoint: not applied.
+  calibration.save(workdir, {**record, 'temperatures': temps, 'checkpoint_step': 3})
+  only_true = eval_lib.run(workdir, smoke_config.data.root, 'latest', out_cal, split='labelled',
+                           boxes='true')
+  assert only_true['calibration'].startswith('not applied')
+  # --boxes=true: the studies with masks only (6 of the 10), at their true boxes.
+  assert only_true['scored_studies'] == 6 and only_true['box_sources'] == {'true': 6}
 
 
 def test_resume_after_kill_matches_uninterrupted(synthetic_converted, tmp_path):

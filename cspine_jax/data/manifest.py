@@ -222,3 +222,25 @@ def select(studies: Sequence[Study], which: str, *, fold: int, num_folds: int,
                            fold_seed)
   keep = (folds != fold) if which == 'train' else (folds == fold)
   return [s for s, k in zip(labelled, keep) if k]
+
+
+BOX_SOURCES = ('auto', 'predicted', 'true')
+
+
+def use_boxes(studies: Iterable[Study], which: str) -> list[Study]:
+  """The studies as they are cropped at one kind of vertebra box (eval's and calibrate's --boxes).
+
+  'auto': as they are (`Study.boxes`: true boxes where a mask exists, else the localizer's);
+  'predicted': the localizer's boxes only, the true ones dropped: what a new scan gets, so the
+  two-stage score (a study the localizer found nothing in then has no boxes); 'true': only the
+  studies with a mask, at their true boxes: the second stage alone, without the first's errors.
+  The masks themselves (``has_segmentation``) are untouched: boxes are what crops are made from.
+  """
+  if which == 'auto':
+    return list(studies)
+  if which == 'predicted':
+    return [dataclasses.replace(s, vertebra_boxes={}) for s in studies]
+  if which == 'true':
+    return [dataclasses.replace(s, predicted_vertebra_boxes={}) for s in studies
+            if s.vertebra_boxes]
+  raise ValueError(f'boxes={which!r}: expected one of {", ".join(BOX_SOURCES)}')
