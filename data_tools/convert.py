@@ -467,8 +467,8 @@ def define_flags():
   flags.DEFINE_string('input', None, 'RSNA root (train_images/, segmentations/, train.csv, ...) '
                       'or a folder of study folders.')
   flags.DEFINE_string('output', None, 'Converted dataset: a folder (created; reruns resume) or '
-                      'a bucket URL, s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (README: '
-                      '"Object stores").')
+                      'a bucket URL, s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (README "Converted '
+                      'data in a bucket").')
   flags.DEFINE_integer('workers', 0, 'Parallel study conversions (0: all cores).')
   flags.DEFINE_bool('progress', True, 'Show a progress bar on stderr.')
   flags.DEFINE_string('runner', None, 'Convert on this Apache Beam runner instead of the local '
