@@ -99,6 +99,10 @@ def get_config() -> config_dict.ConfigDict:
   # voxel cross-entropy, and the patch tokens' label-histogram term (0 = off).
   config.dice_weight = 1.0
   config.token_loss_weight = 0.0
+  # A localizer that crops around the spine (configs/localizer.py, data.crop_mode='region')
+  # runs after a coarse one over the whole scan (configs/localizer_coarse.py): its workdir.
+  config.localizer = config_dict.ConfigDict()
+  config.localizer.coarse_workdir = ''
 
   config.model = config_dict.ConfigDict()
   config.model.name = 'vit3d'

@@ -5,7 +5,8 @@ r"""The main job end to end on the built-in synthetic data (the README's first c
 Stages (data stages resumable; rerunning skips what is done):
   1. data_tools.synthetic: RSNA-shaped training studies and a held-out set (another seed)
   2. data_tools.convert:   both into TensorStore volumes + manifest, and a summary of each
-  3. cspine_jax.train configs/localizer.py on the segmented studies, its held-out Dice, then
+  3. cspine_jax.train configs/localizer_coarse.py, then configs/localizer.py (coarse to fine)
+     on the segmented studies, the held-out Dice, then
      data_tools.localize: predicted masks and vertebra boxes for every study of both sets
      (--notwo_stage skips this stage)
   4. cspine_jax.train:     configs/demo.py (the best per-vertebra classifier measured, the 3D
@@ -37,6 +38,7 @@ import numpy as np
 
 from configs import demo as demo_config
 from configs import localizer as localizer_config
+from configs import localizer_coarse as localizer_coarse_config
 from cspine_jax import calibrate as calibrate_lib
 from cspine_jax import cli
 from cspine_jax import constants
@@ -119,7 +121,8 @@ def define_flags():
   flags.DEFINE_integer('seed', 0, 'Seed of the synthetic data.')
   flags.DEFINE_integer('workers', 0, 'Processes for generation and conversion (0: all cores).')
   flags.DEFINE_integer('steps', None, 'Override the demo config\'s total_steps.')
-  flags.DEFINE_integer('localizer_steps', None, 'Override configs/localizer.py\'s total_steps.')
+  flags.DEFINE_integer('localizer_steps', None, 'Override total_steps of both localizer passes '
+                       '(configs/localizer_coarse.py, configs/localizer.py).')
   # On by default: with the localizer's boxes (held-out Dice 0.91) the classifier trains and is
   # scored on every study (README "Measured"), as it would be on new scans, which have no masks.
   # --notwo_stage skips the localizer (~24 minutes shorter).
@@ -151,24 +154,36 @@ def main(argv):
                     calibrate=FLAGS.calibrate)
 
 
-def localize(workdir: str, roots: dict[str, str], steps: int | None) -> dict:
-  """Trains the localizer, scores it on the held-out masks, localizes every study of both sets."""
-  config = localizer_config.get_config()
-  config.data.root = os.path.abspath(roots['train'])
-  if steps:
-    config.total_steps = steps
-    config.eval_every_steps = steps
-  run_dir = os.path.join(workdir, 'localizer')
-  print(f'[demo] training configs/localizer.py for {config.total_steps} steps -> {run_dir}',
+def _train_localizer(name: str, config, run_dir: str) -> float:
+  print(f'[demo] training configs/{name}.py for {config.total_steps} steps -> {run_dir}',
         flush=True)
   start = time.time()
   train_loop.train_and_evaluate(config, run_dir, progress=True)
-  train_s = time.time() - start
+  return time.time() - start
+
+
+def localize(workdir: str, roots: dict[str, str], steps: int | None) -> dict:
+  """Trains the two localizer passes, scores them on the held-out masks, localizes every study
+  of both sets."""
+  coarse = localizer_coarse_config.get_config()
+  config = localizer_config.get_config()
+  coarse_dir = os.path.join(workdir, 'localizer_coarse')
+  run_dir = os.path.join(workdir, 'localizer')
+  for c in (coarse, config):
+    c.data.root = os.path.abspath(roots['train'])
+    if steps:
+      c.total_steps = steps
+      c.eval_every_steps = steps
+  config.localizer.coarse_workdir = os.path.abspath(coarse_dir)
+  train_s = _train_localizer('localizer_coarse', coarse, coarse_dir)
+  train_s += _train_localizer('localizer', config, run_dir)
   mesh = parallel.make_mesh()
-  model = localize_lib.load(run_dir, 'latest', mesh)
+  model = localize_lib.load(run_dir, 'latest', mesh).model
   config = model.config
   config.data.root = os.path.abspath(roots['heldout'])
   config.data.fold = -1  # every held-out study with a mask ('train' of fold -1 = all labelled)
+  # The fine pass alone, its crop centred on the true masks (the coarse pass's error is in the
+  # full-grid Dice below).
   result = evaluate.evaluate_segmentation(config, lambda x: model('labels', x), mesh,
                                           split='train')
   low = seg_metrics.summarize(result['dice'])
@@ -186,8 +201,9 @@ def localize(workdir: str, roots: dict[str, str], steps: int | None) -> dict:
   print(f'== localizer: held-out Dice on {dice["studies"]} segmented studies (full grid): mean '
         f'{dice["dice_mean"]:.3f}; ' +
         ', '.join(f'{v} {dice["dice_" + v]:.2f}' for v in constants.VERTEBRAE) +
-        f' (at its own {"x".join(map(str, config.data.input_shape))} grid: '
-        f'{low["dice_mean"]:.3f}); trained {train_s / 60:.1f} min', flush=True)
+        f' (fine pass on its own {"x".join(map(str, config.data.input_shape))} grid, centred '
+        f'on the true boxes: {low["dice_mean"]:.3f}); both passes trained in '
+        f'{train_s / 60:.1f} min', flush=True)
   return dice
 
 

@@ -8,8 +8,13 @@ For every ok study of CONVERTED/manifest.jsonl writes
                                              1-7 = C1-C7 (the layout of segmentations/)
 and adds to its manifest record
   predicted_vertebra_boxes   {"C1": [z0, y0, x0, z1, y1, x1], ...} end-exclusive voxel indices
-  localizer                  {"workdir": ..., "step": ..., "method": ...} (which model and
-                             post-processing predicted them)
+  localizer                  {"workdir": ..., "step": ..., "method": ..., "coarse": {"workdir":
+                             ..., "step": ...}} (which models and post-processing predicted
+                             them; "coarse" for a localizer with a coarse pass)
+WORKDIR is the localizer of configs/localizer.py; its config names the coarse pass
+(configs/localizer_coarse.py, `config.localizer.coarse_workdir`), which places its crop. A
+one-pass localizer (data.crop_mode='volume', e.g. trained with configs/localizer_coarse.py or an
+older configs/localizer.py) runs alone.
 Studies with a true mask get a prediction too, scored against it on the full grid (Dice per
 vertebra, printed at the end and kept in the study's .localize record); crops still use the true
 mask where one exists (manifest.Study.boxes).

@@ -1,6 +1,8 @@
 """Running a trained localizer: one volume (low-res labels -> full-grid mask -> vertebra boxes),
 and a whole converted dataset (predicted masks, boxes and manifest records, resumable).
 
+A localizer is one model over the whole scan, or (configs/localizer.py) a coarse model over the
+whole scan that places a fine model's fixed-spacing crop around the spine (`Localizer`).
 `localize` is shared by `python -m cspine_jax.localize` (alias `data_tools.localize`: a converted
 dataset, `run`) and `python -m cspine_jax.predict` (one DICOM folder in memory), so both produce
 the same masks and boxes. Every crop goes through the pipeline's own code
@@ -19,6 +21,7 @@ import numpy as np
 import scipy.ndimage as ndi
 from tqdm import tqdm
 
+from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax import restore
 from cspine_jax import seg_metrics
@@ -183,35 +186,135 @@ class Localization:
   timings: dict[str, float]
 
 
-def load(workdir: str, checkpoint: str = 'latest', mesh=None) -> restore.InferenceModel:
-  """A trained localizer (``model.mode='segment'``) restored from its workdir."""
-  return restore.InferenceModel(workdir, checkpoint, mesh, expect='localizer')
+class Localizer:
+  """A trained localizer: its model, and the coarse pass that places its crop (if it has one).
+
+  A model trained on whole scans (``data.crop_mode='volume'``) runs alone. One trained on crops
+  around the spine (configs/localizer.py: ``crop_mode='region'``) runs after the coarse model of
+  its ``config.localizer.coarse_workdir`` (configs/localizer_coarse.py), restored at its latest
+  step. ``step``, ``workdir`` and ``tag`` describe the pair.
+  """
+
+  def __init__(self, workdir: str, checkpoint: str = 'latest', mesh=None):
+    self.model = restore.InferenceModel(workdir, checkpoint, mesh, expect='localizer')
+    self.workdir = workdir
+    self.step = self.model.step
+    self.coarse = None
+    if self.model.data.crop_mode != 'volume':
+      coarse_dir = coarse_workdir(self.model.config, workdir)
+      self.coarse = restore.InferenceModel(coarse_dir, 'latest', self.model.mesh,
+                                           expect='localizer')
+      if self.coarse.data.crop_mode != 'volume':
+        raise cli.UsageError(f'{coarse_dir} (config.localizer.coarse_workdir of {workdir}): '
+                         f'data.crop_mode={self.coarse.data.crop_mode!r}, not a coarse '
+                         "localizer over the whole scan ('volume'; configs/localizer_coarse.py)")
+
+  def tag(self) -> dict:
+    """What a localized study records: which models and post-processing made its mask."""
+    tag = {'workdir': os.path.abspath(self.workdir), 'step': int(self.step),
+           'method': METHOD_VERSION}
+    if self.coarse is not None:
+      tag['coarse'] = {'workdir': os.path.abspath(self.coarse.workdir),
+                       'step': int(self.coarse.step)}
+    return tag
+
+
+def coarse_workdir(config, workdir: str) -> str:
+  """The coarse localizer's workdir that a fine one names (``config.localizer.coarse_workdir``),
+  checked to be a training workdir; the error names the key and what to do."""
+  path = str(config.get('localizer', {}).get('coarse_workdir', '') or '')
+  key = f'config.localizer.coarse_workdir of {workdir}'
+  if not path:
+    raise cli.UsageError(f'{key} is empty: this localizer crops around the spine '
+                     "(data.crop_mode='region') and needs its coarse pass; train "
+                     'configs/localizer_coarse.py and pass its workdir as '
+                     '--config.localizer.coarse_workdir when training configs/localizer.py')
+  if not os.path.isfile(os.path.join(path, 'config.json')):
+    raise cli.UsageError(f'{key}={path}: not a training workdir (no config.json)')
+  return path
+
+
+def load(workdir: str, checkpoint: str = 'latest', mesh=None) -> Localizer:
+  """A trained localizer (``model.mode='segment'``, with its coarse pass) from its workdir."""
+  return Localizer(workdir, checkpoint, mesh)
 
 
 def input_for(model: restore.InferenceModel, reader, study
               ) -> tuple[np.ndarray, geometry.CropMap]:
-  """(1, z, y, x, C) model input of the whole volume, and the map it was sampled through."""
+  """(1, z, y, x, C) input of a whole-scan model (``crop_mode='volume'``) and its map."""
   cmap = transforms.volume_crop_map(study.shape, study.spacing_mm, study.direction, model.data)
+  return _sample(model, reader, study, cmap), cmap
+
+
+def _sample(model: restore.InferenceModel, reader, study, cmap: geometry.CropMap) -> np.ndarray:
   # From the 2 mm level where the dataset has one (what training crops read), else the volume.
   hu = transforms.sample_image(lambda kind: reader.reader_for(kind, study.uid), study, cmap,
                               model.data.pad_hu, use_levels=bool(model.data.get('levels', True)))
-  return transforms.apply_windows(hu, model.windows)[None], cmap
+  return transforms.apply_windows(hu, model.windows)[None]
 
 
-def localize(model: restore.InferenceModel, reader, study,
-             keep_largest: bool = True) -> Localization:
-  """The localizer on one study: its full-grid mask and vertebra boxes."""
-  t = {}
-  t0 = time.perf_counter()
-  image, cmap = input_for(model, reader, study)
-  t['resample_s'] = time.perf_counter() - t0
-  t0 = time.perf_counter()
+def _labels(model: restore.InferenceModel, image: np.ndarray, keep_largest: bool):
+  """(class probabilities, labels after `largest_components`) on the model's grid."""
   probs = model.segment_probs(image)[0]
   low = np.argmax(probs, -1).astype(np.uint8)
-  t['model_s'] = time.perf_counter() - t0
+  return probs, largest_components(low, NUM_CLASSES) if keep_largest else low
+
+
+def foreground_box(labels: np.ndarray, cmap: geometry.CropMap, volume_shape):
+  """The volume-index box [z0, y0, x0, z1, y1, x1] spanned by the labelled voxels of a crop
+  grid (the corners of their box mapped through ``cmap``), or None when there are none."""
+  if not labels.any():
+    return None
+  sl = ndi.find_objects((labels > 0).astype(np.int8))[0]
+  lo = np.array([s.start for s in sl], float)
+  hi = np.array([s.stop - 1 for s in sl], float)
+  corners = np.array(np.meshgrid(*zip(lo, hi), indexing='ij')).reshape(3, -1)
+  pts = np.asarray(cmap.matrix, float) @ corners + np.asarray(cmap.offset, float)[:, None]
+  return [int(v) for v in np.concatenate([np.floor(pts.min(1)), np.ceil(pts.max(1)) + 1])]
+
+
+def spine_crop_map(model: restore.InferenceModel, study, box) -> geometry.CropMap:
+  """The fine pass's crop centred on ``box``: the training crop (`transforms.region_crop_map`)
+  of a study whose only box is this one, so that inference samples training's grid."""
+  placed = dataclasses.replace(study, vertebra_boxes={}, has_segmentation=False,
+                               predicted_vertebra_boxes={'spine': list(box)})
+  return transforms.region_crop_map(placed, model.data)[0]
+
+
+def localize(loc: Localizer, reader, study, keep_largest: bool = True) -> Localization:
+  """The localizer on one study: its full-grid mask and vertebra boxes.
+
+  With a coarse pass, the coarse labels' box places the fine crop, then the fine labels' own box
+  places it once more, and that second fine pass is the answer: a centre a few centimetres off
+  leaves part of the column at the crop's edge, and recentred the whole of it is inside.
+  """
+  t = {}
   t0 = time.perf_counter()
-  if keep_largest:
-    low = largest_components(low, NUM_CLASSES)
+  model = loc.model
+  if loc.coarse is None:
+    image, cmap = input_for(model, reader, study)
+    t['resample_s'] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    probs, low = _labels(model, image, keep_largest)
+    t['model_s'] = time.perf_counter() - t0
+  else:
+    image, cmap = input_for(loc.coarse, reader, study)
+    _, low = _labels(loc.coarse, image, True)
+    box = foreground_box(low, cmap, study.shape)
+    t['coarse_s'] = time.perf_counter() - t0
+    t['resample_s'] = t['model_s'] = 0.0
+    for _ in range(2 if box is not None else 0):
+      t0 = time.perf_counter()
+      cmap = spine_crop_map(model, study, box)
+      image = _sample(model, reader, study, cmap)
+      t['resample_s'] += time.perf_counter() - t0
+      t0 = time.perf_counter()
+      probs, low = _labels(model, image, keep_largest)
+      t['model_s'] += time.perf_counter() - t0
+      box = foreground_box(low, cmap, study.shape)
+      if box is None:
+        break
+  t0 = time.perf_counter()
   if not low.any():
     # Nothing found: the same all-background mask without the nearest-label gather and box
     # scan over every voxel (~1 s of a 512^2 x 400 scan's prediction on 2 cores).
@@ -260,7 +363,7 @@ def run(workdir: str, data: str, checkpoint: str = 'latest', keep_largest: bool 
   """
   data = store.dataset(data, '--data', write=True)
   model = load(workdir, checkpoint)
-  tag = {'workdir': os.path.abspath(workdir), 'step': int(model.step), 'method': METHOD_VERSION}
+  tag = model.tag()
   jobs = store.JobRecords(data, store.LOCALIZE_STATE)
   store.make_folders(data, (store.PREDICTED_SEGMENTATIONS, store.LOCALIZE_STATE))
   store.clean_temporaries(data, (store.PREDICTED_SEGMENTATIONS, store.LOCALIZE_STATE))

@@ -89,10 +89,35 @@ def validate_config(config) -> None:
   box_prob = float(config.data.get('vertebra_predicted_box_prob', 0.0))
   if not 0.0 <= box_prob <= 1.0:
     raise ConfigError(f'config.data.vertebra_predicted_box_prob={box_prob}: must be in [0, 1]')
+  jitter = float(config.data.get('vertebra_box_jitter_mm', 0.0))
+  if not jitter >= 0.0:
+    raise ConfigError(f'config.data.vertebra_box_jitter_mm={jitter}: must be >= 0 (mm)')
   mix_alpha = float(config.get('mixup_alpha', 0.0))
   if mix_alpha < 0.0 or (mix_alpha and task.segmentation):
     raise ConfigError(f'config.mixup_alpha={config.mixup_alpha}: must be >= 0, and 0 for the '
                       'localizer (its per-voxel labels are not mixed)')
+
+
+def check_coarse_localizer(config, task) -> None:
+  """A localizer that crops around the spine names its coarse pass (configs/localizer.py):
+  checked now, not when data_tools.localize first needs it, and kept as an absolute path."""
+  if not task.segmentation or config.data.get('crop_mode') == 'volume':
+    return
+  path = str(config.get('localizer', {}).get('coarse_workdir', '') or '')
+  if not path:
+    raise ConfigError("config.localizer.coarse_workdir is empty: a localizer with "
+                      "data.crop_mode='region' crops around the spine where its coarse pass "
+                      'puts it; train configs/localizer_coarse.py first and pass its workdir')
+  coarse = os.path.join(path, 'config.json')
+  if not os.path.isfile(coarse):
+    raise ConfigError(f'config.localizer.coarse_workdir={path!r}: not a training workdir (no '
+                      'config.json); train configs/localizer_coarse.py there first')
+  with open(coarse) as f:
+    mode = json.load(f).get('data', {}).get('crop_mode')
+  if mode != 'volume':
+    raise ConfigError(f'config.localizer.coarse_workdir={path!r}: data.crop_mode={mode!r}, not a '
+                      "coarse localizer over the whole scan ('volume'; configs/localizer_coarse.py)")
+  config.localizer.coarse_workdir = os.path.abspath(path)
 
 
 def check_data(config, task) -> bool:
@@ -206,6 +231,7 @@ _RANGES = (
     ('data.windows', lambda v: len(v) >= 1 and all(len(w) == 2 and w[1] > 0 for w in v),
      '(center, width) pairs with width > 0'),
     ('data.augment.scale', lambda v: 0 <= v < 1, 'in [0, 1) (zoom in [1 - s, 1 + s])'),
+    ('data.augment.scale_z', lambda v: 0 <= v < 1, 'in [0, 1) (z zoom in [1 - s, 1 + s])'),
     ('data.augment.flip_x_prob', lambda v: 0 <= v <= 1, 'in [0, 1]'),
     ('model.dtype', lambda v: v in ('float32', 'bfloat16', 'float16'),
      '"float32", "bfloat16" or "float16"'),
@@ -385,6 +411,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
   check_workdir(workdir)
   validate_config(config)
   task = factory.task_of(config)
+  check_coarse_localizer(config, task)
   eval_every = int(config.eval_every_steps) if check_data(config, task) else 0
   check_resume_config(config, workdir, bool(checkpoint.steps_on_disk(workdir)))
   os.makedirs(workdir, exist_ok=True)

@@ -17,6 +17,7 @@ import pytest
 
 from configs import demo
 from configs import localizer
+from configs import localizer_coarse
 from cspine_jax import constants
 from cspine_jax import localize_lib
 from cspine_jax import losses
@@ -26,7 +27,10 @@ from cspine_jax import train_loop
 from cspine_jax.data import geometry
 from cspine_jax.data import manifest
 from cspine_jax.data import pipeline
+from cspine_jax.data import sources
 from cspine_jax.data import store
+from cspine_jax.data import transforms
+from cspine_jax.models import factory
 from cspine_jax.models import segmenter
 from data_tools import dicom
 from tests.conftest import repo_root
@@ -139,10 +143,8 @@ def test_probability_upsampling_places_the_boundary_between_voxel_centres():
   assert localize_lib.upsample_probs(probs, labels, rot, (4, 4, 4)) is None
 
 
-def _localizer_config(root):
-  c = localizer.get_config()
+def _tiny(c, root):
   c.data.root = root
-  c.data.input_shape = (16, 16, 16)
   c.data.fold = -1  # train on every segmented study (the fixture has 6)
   c.batch_size = 2
   c.total_steps = 2
@@ -151,6 +153,23 @@ def _localizer_config(root):
   c.checkpoint_every_steps = 2
   m = c.model
   m.width, m.depth, m.num_heads, m.mlp_dim = 32, 1, 2, 64
+  return c
+
+
+def _localizer_config(root):
+  """A tiny coarse localizer (configs/localizer_coarse.py): a one-pass localizer on its own."""
+  c = _tiny(localizer_coarse.get_config(), root)
+  c.data.input_shape = (16, 16, 16)
+  c.data.volume_spacing_mm = (12.0, 12.0, 12.0)  # 192 mm: the fixture's scans
+  return c
+
+
+def _fine_config(root, coarse_dir):
+  """A tiny fine localizer (configs/localizer.py) placed by the coarse one in ``coarse_dir``."""
+  c = _tiny(localizer.get_config(), root)
+  c.data.input_shape = (32, 24, 24)
+  c.data.spacing_mm = (5.0, 5.0, 5.0)  # 160 x 120 x 120 mm
+  c.localizer.coarse_workdir = coarse_dir
   return c
 
 
@@ -173,8 +192,9 @@ def two_stage(synthetic_converted, tmp_path_factory):
   base = tmp_path_factory.mktemp('two_stage')
   data = str(base / 'converted')
   shutil.copytree(converted, data)  # localize writes into the dataset: keep the fixture intact
-  loc_dir = str(base / 'localizer')
-  train_loop.train_and_evaluate(_localizer_config(data), loc_dir, progress=False)
+  coarse_dir, loc_dir = str(base / 'localizer_coarse'), str(base / 'localizer')
+  train_loop.train_and_evaluate(_localizer_config(data), coarse_dir, progress=False)
+  train_loop.train_and_evaluate(_fine_config(data, coarse_dir), loc_dir, progress=False)
   records = localize_lib.run(loc_dir, data)
   c = demo.get_config()
   c.data.root = data
@@ -185,8 +205,8 @@ def two_stage(synthetic_converted, tmp_path_factory):
   c.optimizer.warmup_steps = 0
   cls_dir = str(base / 'classifier')
   train_loop.train_and_evaluate(c, cls_dir, progress=False)
-  return {'raw': raw, 'data': data, 'localizer': loc_dir, 'classifier': cls_dir,
-          'records': records}
+  return {'raw': raw, 'data': data, 'localizer': loc_dir, 'coarse': coarse_dir,
+          'classifier': cls_dir, 'records': records}
 
 
 def test_localize_writes_masks_boxes_and_resumes(two_stage):
@@ -466,8 +486,11 @@ def test_old_layout_workdirs_predict_and_eval_as_before(two_stage, oracle_predic
   reader = localize_lib.ArrayReader({store.VOLUMES: {'s': series.hu}})
   geo = localize_lib.study_from_geometry('s', series.hu.shape, series.spacing, series.direction,
                                          series.origin)
-  seg = [m.segment_probs(localize_lib.input_for(m, reader, geo)[0])
-         for m in (localize_lib.load(two_stage['localizer']), localize_lib.load(old_loc))]
+  whole = [0, 0, 0, *series.hu.shape]
+  seg = []
+  for m in (localize_lib.load(two_stage['localizer']).model, localize_lib.load(old_loc).model):
+    cmap = localize_lib.spine_crop_map(m, geo, whole)
+    seg.append(m.segment_probs(localize_lib._sample(m, reader, geo, cmap)))  # pylint: disable=protected-access
   np.testing.assert_array_equal(seg[0], seg[1])
   # ... and, with every vertebra found, the classifiers' probabilities (not nulls).
   _oracle_localizer(monkeypatch, mask)
@@ -722,3 +745,94 @@ def test_predict_flag_errors_are_usage_errors(two_stage, studies_folder, tmp_pat
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1] == message
   assert not os.path.exists(out)
+
+
+def test_volume_crop_map_fixed_spacing_keeps_one_physical_scale():
+  """volume_spacing_mm: the same mm per output voxel, centred on the volume, whatever the field
+  of view; without it the whole volume is stretched onto the grid (the scale follows the FOV)."""
+  c = localizer_coarse.get_config().data
+  c.input_shape = (10, 8, 8)
+  axial = ((0.0, 0.0, -1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))  # a head-first axial scan
+  for shape, spacing in (((60, 64, 64), (3.0, 2.5, 2.5)), ((30, 64, 64), (6.0, 3.5, 3.5))):
+    c.volume_spacing_mm = (6.0, 6.0, 6.0)
+    m = transforms.volume_crop_map(shape, spacing, axial, c)
+    np.testing.assert_allclose(np.abs(np.diag(m.matrix)) * spacing, [6.0, 6.0, 6.0])
+    centre = m.matrix @ ((np.array(c.input_shape) - 1) / 2) + m.offset
+    np.testing.assert_allclose(centre, (np.array(shape) - 1) / 2)
+    c.volume_spacing_mm = ()
+    m = transforms.volume_crop_map(shape, spacing, axial, c)
+    np.testing.assert_allclose(np.abs(np.diag(m.matrix)) * spacing,
+                               np.array(shape) * spacing / np.array(c.input_shape))
+
+
+def test_foreground_box_maps_the_labelled_corners_to_volume_indices():
+  labels = np.zeros((6, 5, 5), np.uint8)
+  labels[1:4, 2, 1:3] = 3
+  cmap = geometry.CropMap(matrix=np.diag([2.0, 1.0, 0.5]), offset=np.array([10.0, 0.0, 4.0]),
+                          shape=(6, 5, 5), pool=(1, 1, 1))
+  # z: 2*1+10 .. 2*3+10 -> [12, 17); y: 2 -> [2, 3); x: 0.5*1+4 .. 0.5*2+4 -> [4, 6).
+  assert localize_lib.foreground_box(labels, cmap, (40, 5, 8)) == [12, 2, 4, 17, 3, 6]
+  assert localize_lib.foreground_box(np.zeros_like(labels), cmap, (40, 5, 8)) is None
+
+
+def test_coarse_to_fine_recentres_on_its_own_labels(two_stage, monkeypatch):
+  """Both passes answer with the true mask through their own grids (oracles), the coarse one
+  3 voxels (36 mm) too low: its crop cuts the top of the column; the fine pass's recentred crop
+  holds all of it, and the boxes written are the true ones to within a fine voxel."""
+  data = two_stage['data']
+  study = next(s for s in manifest.load_manifest(data) if s.has_segmentation)
+  true = store.read_array(os.path.join(data, 'segmentations', study.uid))
+  reader = sources.VolumeReader(data)
+  loc = localize_lib.load(two_stage['localizer'])
+  assert loc.coarse is not None and loc.tag()['coarse']['step'] == 2
+  real_sample, seen = localize_lib._sample, []  # pylint: disable=protected-access
+
+  def sample(model, reader_, study_, cmap):
+    seen.append((model, cmap))
+    return real_sample(model, reader_, study_, cmap)
+
+  def labels(model, image, keep_largest):
+    owner, cmap = seen[-1]
+    assert owner is model and image.shape[1:4] == cmap.shape
+    lab = transforms.sample_labels(lambda k: reader.reader_for(k, study.uid), study,
+                                   store.SEGMENTATIONS, cmap)
+    if model is loc.coarse:
+      lab = np.concatenate([np.zeros_like(lab[:3]), lab[:-3]])
+    return np.eye(8, dtype=np.float32)[lab], lab
+
+  monkeypatch.setattr(localize_lib, '_sample', sample)
+  monkeypatch.setattr(localize_lib, '_labels', labels)
+  out = localize_lib.localize(loc, reader, study)
+  assert [m is loc.coarse for m, _ in seen] == [True, False, False]
+  zs = np.flatnonzero(true.any(axis=(1, 2)))
+
+  def z_range(cmap):
+    ends = cmap.matrix[0, 0] * np.array([0, cmap.shape[0] - 1]) + cmap.offset[0]
+    return ends.min(), ends.max()
+
+  first, second = z_range(seen[1][1]), z_range(seen[2][1])
+  assert first[0] > zs[0] and first[1] >= zs[-1]  # the first fine crop misses the column's top
+  assert second[0] <= zs[0] and second[1] >= zs[-1]  # the recentred one holds all of it
+  voxel = 5.0 / study.spacing_mm[0]  # a fine voxel, in slices
+  want = store.vertebra_boxes(true)
+  assert set(out.boxes) == set(want)
+  for name, box in want.items():
+    assert abs(out.boxes[name][0] - box[0]) <= voxel + 1
+    assert abs(out.boxes[name][3] - box[3]) <= voxel + 1
+  assert seg_metrics.dice_per_class(out.mask, true)[0] > 0.6  # C1 itself, at 5 mm
+
+
+def test_training_a_fine_localizer_needs_its_coarse_pass(two_stage, tmp_path):
+  c = _fine_config(two_stage['data'], '')
+  task = factory.task_of(c)
+  with pytest.raises(factory.ConfigError, match='coarse_workdir is empty'):
+    train_loop.check_coarse_localizer(c, task)
+  c.localizer.coarse_workdir = str(tmp_path)
+  with pytest.raises(factory.ConfigError, match='not a training workdir'):
+    train_loop.check_coarse_localizer(c, task)
+  c.localizer.coarse_workdir = two_stage['localizer']  # a fine one, not a coarse one
+  with pytest.raises(factory.ConfigError, match="crop_mode='region'"):
+    train_loop.check_coarse_localizer(c, task)
+  c.localizer.coarse_workdir = os.path.relpath(two_stage['coarse'])
+  train_loop.check_coarse_localizer(c, task)
+  assert c.localizer.coarse_workdir == two_stage['coarse']  # kept absolute in config.json

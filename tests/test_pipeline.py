@@ -1,5 +1,6 @@
 """Grain pipeline: manifest, folds, determinism across threads/processes, eval coverage."""
 import collections
+import dataclasses
 import importlib
 
 import jax
@@ -58,6 +59,29 @@ def test_manifest_skips_non_ok_and_sorts(root, caplog):
   assert len(test) == NUM_TEST and all(s.labels is None for s in test)
   seg = manifest.select(studies, 'labelled', fold=0, num_folds=5, require_segmentation=True)
   assert 0 < len(seg) < NUM_LABELLED and all(s.has_segmentation for s in seg)
+
+
+def test_pseudo_labels_add_localized_studies_to_training_only(root):
+  """data.pseudo_labels: the labelled studies without a mask that the localizer segmented join
+  'train'; the folds and 'eval' stay those of the true masks (no score against a prediction)."""
+  studies = manifest.load_manifest(root)
+  box = {'C3': [1, 1, 1, 4, 4, 4]}
+  localized = [dataclasses.replace(s, predicted_vertebra_boxes=box)
+               if not s.has_segmentation else s for s in studies]
+  kw = dict(fold=0, num_folds=5, require_segmentation=True)
+  pseudo = [s for s in localized if not s.has_segmentation and s.labels is not None]
+  assert pseudo
+  for which in ('train', 'eval'):
+    plain = manifest.select(localized, which, **kw)
+    got = manifest.select(localized, which, pseudo_labels=True, **kw)
+    assert all(s.has_segmentation for s in plain)
+    if which == 'eval':
+      assert got == plain
+    else:
+      assert got == plain + pseudo
+  # Without a localizer run there is nothing to add.
+  assert (manifest.select(studies, 'train', pseudo_labels=True, **kw)
+          == manifest.select(studies, 'train', **kw))
 
 
 def test_stratified_folds_disjoint_covering_balanced():

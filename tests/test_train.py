@@ -227,6 +227,12 @@ def test_bad_predicted_box_rate_names_the_key(smoke_config, tmp_path):
     train_loop.train_and_evaluate(smoke_config, str(tmp_path / 'w'), progress=False)
 
 
+def test_negative_box_jitter_names_the_key(smoke_config, tmp_path):
+  smoke_config.data.vertebra_box_jitter_mm = -1.0
+  with pytest.raises(train_loop.ConfigError, match=r'config.data.vertebra_box_jitter_mm=-1.0'):
+    train_loop.train_and_evaluate(smoke_config, str(tmp_path / 'w'), progress=False)
+
+
 def test_missing_dataset_is_a_clear_error(smoke_config, tmp_path):
   smoke_config.data.root = str(tmp_path / 'nothing')
   with pytest.raises(train_loop.ConfigError, match='no manifest.jsonl'):

@@ -231,6 +231,29 @@ def test_training_crops_at_predicted_boxes_at_the_given_rate(spine):
   assert 0.35 < np.mean(from_pred) < 0.65, np.mean(from_pred)
 
 
+def test_box_jitter_moves_each_face_on_its_own_within_the_bound(spine):
+  """vertebra_box_jitter_mm: every face of every box moves by at most j mm (to the voxel),
+  independently (the box's size changes, not only its place); off without an rng or at 0."""
+  study, = manifest.load_manifest(spine)
+  cfg = _cfg(root=spine, vertebra_box_jitter_mm=6.0)
+  assert transforms._training_boxes(study, cfg, None) is None  # pylint: disable=protected-access
+  bound = 6.0 / np.tile(study.spacing_mm, 2) + 0.5
+  moves = []
+  for seed in range(30):
+    got = transforms._training_boxes(study, cfg, np.random.default_rng(seed))  # pylint: disable=protected-access
+    assert set(got) == set(study.vertebra_boxes)
+    for name, box in study.vertebra_boxes.items():
+      d = np.asarray(got[name]) - np.asarray(box)
+      assert (np.abs(d) <= bound).all(), (name, d)
+      moves.append(d)
+  moves = np.array(moves)
+  assert (moves > 0).any(axis=0).all() and (moves < 0).any(axis=0).all()  # both ways, each face
+  size_change = moves[:, 3:] - moves[:, :3]
+  assert (size_change != 0).mean() > 0.5  # not a rigid shift of the box
+  cfg.vertebra_box_jitter_mm = 0.0
+  assert transforms._training_boxes(study, cfg, np.random.default_rng(0)) is None  # pylint: disable=protected-access
+
+
 def test_intensity_jitter_bounds_and_padding():
   cfg = data_config.get_config()
   cfg.augment.noise_hu = 0.0
@@ -280,3 +303,24 @@ def test_segmentation_crop_follows_the_image_crop(spine):
   outer = ~ndi.binary_dilation(seg > 0, iterations=1)
   assert inner.sum() > 50 and np.all(np.abs(image[inner] - 700) < 1)
   assert np.all(image[outer] < 250)  # soft tissue or air, a little partial volume at most
+
+
+def test_z_zoom_stretches_only_z_and_leaves_older_streams_alone():
+  """augment.scale_z: one more draw, only when > 0 (configs without it crop what they always
+  did); the map's z spacing alone changes."""
+  kw = dict(jitter_mm=(3.0, 2.0, 1.0), rotate_deg=5.0, scale=0.1, flip_x_prob=0.5)
+  rng = np.random.default_rng(7)
+  u, flip = rng.uniform(-1.0, 1.0, size=7), rng.uniform() < 0.5
+  a = geometry.sample_augment(np.random.default_rng(7), **kw)
+  assert a.zoom == pytest.approx(1.0 + 0.1 * u[6]) and a.flip_x == flip and a.zoom_z == 1.0
+  np.testing.assert_allclose(a.jitter_mm, u[:3] * [3.0, 2.0, 1.0])
+  b = geometry.sample_augment(np.random.default_rng(7), scale_z=0.2, **kw)
+  assert (b.jitter_mm, b.zoom, b.flip_x) == (a.jitter_mm, a.zoom, a.flip_x)
+  assert 0.8 <= b.zoom_z <= 1.2 and b.zoom_z != 1.0
+  eye = np.eye(3)
+  plain = geometry.crop_map((10, 10, 10), eye, (8, 8, 8), (2.0, 1.0, 1.0))
+  tall = geometry.crop_map((10, 10, 10), eye, (8, 8, 8), (2.0, 1.0, 1.0),
+                           geometry.Augment(zoom_z=1.25))
+  np.testing.assert_allclose(np.diag(tall.matrix), np.diag(plain.matrix) * [1.25, 1.0, 1.0])
+  centre = lambda m: m.matrix @ np.full(3, 3.5) + m.offset
+  np.testing.assert_allclose(centre(tall), centre(plain))  # about the crop's centre

@@ -33,6 +33,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fold_seed = 0  # Seeds the tie-breaking of the fold assignment (folds depend on uids only).
   # Keep only studies with a true segmentation (the seed paper's 86-study setting).
   c.require_segmentation = False
+  # With require_segmentation: also train on the labelled studies whose only mask is a
+  # localizer's prediction (`data_tools.localize` run on this dataset; self-training, as the top
+  # RSNA 2022 teams did with their 87 masks). Region crops read those labels from
+  # predicted_segmentations/; the held-out fold keeps the true masks only.
+  c.pseudo_labels = False
   # Keep only studies with true or predicted vertebra boxes (per-vertebra training after
   # `python -m data_tools.localize`: every located study, segmented or not).
   c.require_boxes = False
@@ -40,8 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- Crop geometry ------------------------------------------------------------------------
   # 'region': one crop of the cervical spine (union of the C1..C7 boxes) per study.
   # 'vertebrae': seven crops per study, one per vertebra (see vertebra_* below).
-  # 'volume': the whole scanned volume stretched onto input_shape, with the true mask as
-  #   "segmentation" (the localizer's input; configs/localizer.py).
+  # 'volume': the whole scanned volume on input_shape, with the true mask as "segmentation"
+  #   (the coarse localizer's input; configs/localizer_coarse.py).
   c.crop_mode = 'region'
   c.input_shape = (64, 96, 96)  # Model input, voxels (z, y, x).
   # Output voxel size (mm). Field of view = input_shape * spacing_mm, centred on the box centre.
@@ -56,6 +61,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # predicted_vertebra_boxes are the real answer.
   c.fallback = 'center'
   c.fallback_extent_mm = (140.0, 90.0, 90.0)
+  # crop_mode='volume': () stretches the whole scanned volume onto input_shape (per-axis
+  # spacing = extent / shape: the scale of the anatomy then depends on the field of view);
+  # (dz, dy, dx) mm samples a grid of that fixed spacing centred on the volume's centre (the
+  # coarse localizer: one physical scale whatever the field of view; input_shape * spacing
+  # must cover the scans).
+  c.volume_spacing_mm = ()
   c.canonical_orientation = True  # Resample into (inferior, posterior, left) axes via `direction`.
   c.antialias = True  # Box-filter by the integer part of the downsampling factor before interp.
   c.pad_hu = -1024.0  # Value outside the scanned volume (air).
@@ -82,6 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # at predicted boxes, whose errors (several mm, fractured vertebrae the worst) a model trained
   # on true boxes alone never sees. 0 = always the true box (every run before this key).
   c.vertebra_predicted_box_prob = 0.0
+  # Training only: each face of each vertebra's box (true or predicted) moves by U[-j, j] mm
+  # along its axis, independently: the localizer's errors move faces, not whole boxes, and a
+  # box fitted onto the crop (vertebra_fit_to_box) changes scale with them. 0 = off.
+  c.vertebra_box_jitter_mm = 0.0
 
   # --- Intensities --------------------------------------------------------------------------
   # HU windows (center, width), one output channel each, mapped linearly to [0, 1] and clipped.
@@ -93,6 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.augment.jitter_mm = (6.0, 6.0, 6.0)  # Uniform shift of the crop centre, +- per axis.
   c.augment.rotate_deg = 10.0  # Uniform rotation about each axis, +- degrees.
   c.augment.scale = 0.1  # Isotropic zoom factor in [1 - s, 1 + s].
+  # And a zoom along z alone in [1 - s, 1 + s] (taller or shorter vertebrae and discs, other
+  # slice spacings); 0 = off. Host crops only.
+  c.augment.scale_z = 0.0
   c.augment.flip_x_prob = 0.5  # Left-right mirror (labels are per level, not per side).
   c.augment.intensity_scale = 0.05  # HU * U[1 - a, 1 + a] ...
   c.augment.intensity_shift_hu = 20.0  # ... + U[-b, b] ...

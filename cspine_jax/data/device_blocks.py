@@ -41,6 +41,9 @@ def check_config(cfg) -> None:
     raise ValueError(f"config.data.crop_on='device' serves crop_mode='region' without "
                      f'with_segmentation (got crop_mode={cfg.crop_mode!r}, with_segmentation='
                      f'{cfg.with_segmentation}); use crop_on=\'host\'')
+  if cfg.augment.get('scale_z', 0.0):
+    raise ValueError("config.data.crop_on='device' does not draw config.data.augment.scale_z "
+                     "(a zoom along z alone); set it to 0 or use crop_on='host'")
   if cfg.fit_to_box:
     raise ValueError("config.data.crop_on='device' needs a fixed crop spacing "
                      '(config.data.fit_to_box=False): the block has one shape for every study')

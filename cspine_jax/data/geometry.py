@@ -38,17 +38,22 @@ class Augment:
   angles_rad: tuple[float, float, float] = (0.0, 0.0, 0.0)  # about the z, y, x output axes
   zoom: float = 1.0  # > 1 shows a larger field of view (coarser voxels)
   flip_x: bool = False
+  zoom_z: float = 1.0  # along the output z axis only, on top of zoom (taller or shorter anatomy)
 
 
 def sample_augment(rng: np.random.Generator, jitter_mm=(0.0, 0.0, 0.0), rotate_deg=0.0,
-                   scale=0.0, flip_x_prob=0.0) -> Augment:
-  """Draws one ``Augment``; always consumes the same number of draws (stable streams)."""
+                   scale=0.0, flip_x_prob=0.0, scale_z=0.0) -> Augment:
+  """Draws one ``Augment``; always consumes the same number of draws for the same arguments
+  (stable streams; ``scale_z`` > 0 adds one, so configs without it draw what they always did)."""
   u = rng.uniform(-1.0, 1.0, size=7)
+  flip = bool(rng.uniform() < flip_x_prob)
+  zoom_z = float(1.0 + rng.uniform(-1.0, 1.0) * scale_z) if scale_z > 0 else 1.0
   return Augment(
       jitter_mm=tuple(float(v) for v in u[:3] * np.asarray(jitter_mm, float)),
       angles_rad=tuple(float(v) for v in u[3:6] * np.deg2rad(rotate_deg)),
       zoom=float(1.0 + u[6] * scale),
-      flip_x=bool(rng.uniform() < flip_x_prob),
+      flip_x=flip,
+      zoom_z=zoom_z,
   )
 
 
@@ -114,7 +119,7 @@ def crop_map(center_index, a_mm: np.ndarray, shape: Sequence[int], spacing_mm,
              augment: Augment = Augment(), antialias: bool = True) -> CropMap:
   """The affine map of a crop of ``shape`` voxels of ``spacing_mm`` centred at ``center_index``."""
   n = np.asarray(shape, float)
-  s_out = np.asarray(spacing_mm, float) * augment.zoom
+  s_out = np.asarray(spacing_mm, float) * augment.zoom * np.array([augment.zoom_z, 1.0, 1.0])
   lin = np.diag(s_out)
   if augment.flip_x:
     lin = lin @ np.diag([1.0, 1.0, -1.0])

@@ -191,7 +191,7 @@ def labels_array(studies: Iterable[Study]) -> np.ndarray:
 
 def select(studies: Sequence[Study], which: str, *, fold: int, num_folds: int,
            fold_seed: int = 0, require_segmentation: bool = False,
-           require_boxes: bool = False) -> list[Study]:
+           require_boxes: bool = False, pseudo_labels: bool = False) -> list[Study]:
   """Studies of one split.
 
   which: 'train' (labelled, not in ``fold``), 'eval' (labelled, in ``fold``), 'labelled' (all
@@ -200,9 +200,19 @@ def select(studies: Sequence[Study], which: str, *, fold: int, num_folds: int,
   ``require_boxes`` keeps, in 'train' and 'eval' only, the studies with true or predicted
   vertebra boxes (per-vertebra training once the localizer has run: every study it located,
   not only the segmented ones); the other splits (submissions) keep every study.
+  ``pseudo_labels`` (with ``require_segmentation``) adds to 'train' the labelled studies without
+  a true mask that a localizer has segmented (self-training on its predicted masks); the folds
+  and 'eval' are those of the true masks alone, so a score is never against a prediction.
   """
+  pseudo = []
   if require_segmentation:
+    if pseudo_labels and which == 'train':
+      pseudo = [s for s in studies if not s.has_segmentation and s.predicted_vertebra_boxes
+                and s.labels is not None and s.split != 'test']
     studies = [s for s in studies if s.has_segmentation]
+  if pseudo:
+    return select(studies, which, fold=fold, num_folds=num_folds, fold_seed=fold_seed,
+                  require_boxes=require_boxes) + pseudo
   if which == 'all':
     return list(studies)
   if which == 'test':

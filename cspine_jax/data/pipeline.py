@@ -126,7 +126,8 @@ def _studies(cfg, which: str, uids: Sequence[str] | None = None):
   return manifest_lib.select(studies, which, fold=cfg.fold, num_folds=cfg.num_folds,
                              fold_seed=cfg.fold_seed,
                              require_segmentation=cfg.require_segmentation,
-                             require_boxes=cfg.require_boxes)
+                             require_boxes=cfg.require_boxes,
+                             pseudo_labels=bool(cfg.get('pseudo_labels', False)))
 
 
 def split_studies(config, which: str) -> list:

@@ -47,7 +47,8 @@ CROP_ON = ('host', 'device')
 def _augment(cfg, rng) -> geometry.Augment:
   aug = cfg.augment
   return geometry.sample_augment(rng, jitter_mm=tuple(aug.jitter_mm), rotate_deg=aug.rotate_deg,
-                                 scale=aug.scale, flip_x_prob=aug.flip_x_prob)
+                                 scale=aug.scale, flip_x_prob=aug.flip_x_prob,
+                                 scale_z=float(aug.get('scale_z', 0.0)))
 
 
 def _augment_on(cfg, rng) -> bool:
@@ -128,17 +129,21 @@ def region_crop_map(study, cfg, augment: geometry.Augment = geometry.Augment()):
 
 def volume_crop_map(shape, spacing_mm, direction, cfg,
                     augment: geometry.Augment = geometry.Augment()) -> geometry.CropMap:
-  """``CropMap`` of the whole scanned volume stretched onto ``cfg.input_shape`` (the localizer).
+  """``CropMap`` of the whole scanned volume on ``cfg.input_shape`` (the coarse localizer).
 
-  Per-axis spacing = the volume's extent along each output axis / input_shape, so every scan,
-  whatever its field of view, is seen whole at a fixed shape (the localizer must find the spine
-  anywhere in it). Takes plain geometry (not a Study) so that prediction on a DICOM series in
-  memory uses the very same map.
+  Centred on the volume's centre. With ``cfg.volume_spacing_mm`` empty, the per-axis spacing is
+  the volume's extent along each output axis / input_shape: every scan is seen whole, but the
+  spine looks larger in a small field of view than in a large one. With a spacing, the grid has
+  that fixed physical spacing (what a localizer must see to generalize across fields of view
+  and slice spacings; parts outside the scan are ``pad_hu``). Takes plain geometry (not a
+  Study) so that prediction on a DICOM series in memory uses the very same map.
   """
   a_mm = geometry.mm_to_index(spacing_mm, direction, cfg.canonical_orientation)
   box = (0, 0, 0) + tuple(int(n) for n in shape)
   out_shape = tuple(cfg.input_shape)
-  spacing = geometry.fit_spacing(box, a_mm, out_shape, 0.0)
+  fixed = tuple(cfg.get('volume_spacing_mm') or ())
+  spacing = (np.asarray(fixed, float) if fixed
+             else geometry.fit_spacing(box, a_mm, out_shape, 0.0))
   return geometry.crop_map(geometry.box_center(box), a_mm, out_shape, spacing, augment,
                            cfg.antialias)
 
@@ -199,19 +204,30 @@ def make_region_crop(reader: sources.VolumeReader, study, cfg, rng=None,
 
 
 def _training_boxes(study, cfg, rng) -> dict | None:
-  """Per vertebra, the predicted box instead of the true one with ``vertebra_predicted_box_prob``.
+  """Per vertebra, the predicted box instead of the true one with ``vertebra_predicted_box_prob``,
+  then each face moved by up to ``vertebra_box_jitter_mm``.
 
-  None (= ``study.boxes``) without an rng or at probability 0, so that those streams draw
-  nothing extra; otherwise seven draws, always, whatever the study has.
+  None (= ``study.boxes``) without an rng or with both at 0, so that those streams draw nothing
+  extra; otherwise a fixed number of draws per key in use, whatever the study has.
   """
   prob = float(cfg.vertebra_predicted_box_prob)
-  if rng is None or prob <= 0.0:
+  jitter = float(cfg.get('vertebra_box_jitter_mm', 0.0))
+  if rng is None or (prob <= 0.0 and jitter <= 0.0):
     return None
-  use_predicted = rng.random(NUM_VERTEBRAE) < prob
   boxes = dict(study.boxes)
-  for v, name in enumerate(constants.VERTEBRAE):
-    if use_predicted[v] and name in study.predicted_vertebra_boxes:
-      boxes[name] = study.predicted_vertebra_boxes[name]
+  if prob > 0.0:
+    use_predicted = rng.random(NUM_VERTEBRAE) < prob
+    for v, name in enumerate(constants.VERTEBRAE):
+      if use_predicted[v] and name in study.predicted_vertebra_boxes:
+        boxes[name] = study.predicted_vertebra_boxes[name]
+  if jitter > 0.0:
+    moves = rng.uniform(-1.0, 1.0, (NUM_VERTEBRAE, 6)) * jitter / np.tile(study.spacing_mm, 2)
+    for v, name in enumerate(constants.VERTEBRAE):
+      if name in boxes:
+        b = np.asarray(boxes[name], float) + moves[v]
+        lo = np.round(b[:3])
+        hi = np.maximum(np.round(b[3:]), lo + 1)  # never empty
+        boxes[name] = [int(x) for x in np.concatenate([lo, hi])]
   return boxes
 
 
@@ -222,7 +238,8 @@ def make_vertebra_crops(reader: sources.VolumeReader, study, cfg, rng=None):
   ``vertebra_shape`` with ``vertebra_margin_mm`` context when ``vertebra_fit_to_box``); absent
   vertebrae (no true or predicted box) are zeros with present=False. With ``rng``, each crop
   gets its own spatial augmentation (seven draws, always, so streams stay aligned), and, with
-  ``vertebra_predicted_box_prob``, its box from the localizer instead of the mask at that rate.
+  ``vertebra_predicted_box_prob``, its box from the localizer instead of the mask at that rate,
+  with ``vertebra_box_jitter_mm``, its box's faces moved (`_training_boxes`).
   """
   shape = tuple(cfg.vertebra_shape)
   augments = None

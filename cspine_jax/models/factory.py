@@ -43,13 +43,18 @@ MODELS = {
 class Task:
   """What a ``model.mode`` needs from the rest of the system."""
   mode: str
-  crop_mode: str  # config.data.crop_mode the pipeline must produce
+  crop_mode: str  # config.data.crop_mode the pipeline must produce (the usual one)
   shape_key: str  # config.data.<shape_key> is the crop shape (z, y, x) = model.input_shape
   losses: tuple[str, ...]  # allowed config.loss values (the first is the usual one)
   crops: int  # crops per example: the image is (B, [crops,] z, y, x, C)
   segmentation: bool  # per-voxel labels (softmax over classes) instead of 8 sigmoid targets
   backbones: tuple[str, ...]  # model.name values this task can wrap
   wrapper_keys: tuple[str, ...] = ()  # model.* keys read by the task's wrapper, not the backbone
+  other_crop_modes: tuple[str, ...] = ()  # other config.data.crop_mode values it can read
+
+  @property
+  def crop_modes(self) -> tuple[str, ...]:
+    return (self.crop_mode,) + self.other_crop_modes
 
   @property
   def image_axes(self) -> int:
@@ -64,9 +69,12 @@ TASKS = {
     'vertebra': Task('vertebra', crop_mode='vertebrae', shape_key='vertebra_shape',
                      losses=('bce', 'rsna_weighted'), crops=len(constants.VERTEBRAE),
                      segmentation=False, backbones=tuple(MODELS)),
+    # 'volume': the whole scan (the coarse localizer, or a one-pass one); 'region' with
+    # data.with_segmentation: a fixed-spacing crop around the spine (the fine localizer pass).
     'segment': Task('segment', crop_mode='volume', shape_key='input_shape', losses=('ce_dice',),
                     crops=1, segmentation=True, backbones=('vit3d',),
-                    wrapper_keys=('decoder_features', 'decoder_hidden', 'context')),
+                    wrapper_keys=('decoder_features', 'decoder_hidden', 'context'),
+                    other_crop_modes=('region',)),
 }
 
 
@@ -113,9 +121,17 @@ def check(config) -> Task:
                       f'{task.backbones}, not {name!r}')
   _check_attention_impl(model)
   crop_mode = config.data.get('crop_mode', 'region')
-  if crop_mode != task.crop_mode:
-    raise ConfigError(f'config.model.mode={task.mode!r} reads {task.crop_mode!r} crops, but '
+  if crop_mode not in task.crop_modes:
+    raise ConfigError(f'config.model.mode={task.mode!r} reads '
+                      f'{" or ".join(map(repr, task.crop_modes))} crops, but '
                       f'config.data.crop_mode={crop_mode!r}')
+  if task.segmentation and crop_mode == 'region' and not config.data.get('with_segmentation'):
+    raise ConfigError(f'config.model.mode={task.mode!r} with config.data.crop_mode="region" '
+                      'needs config.data.with_segmentation=True (its labels)')
+  if config.data.get('pseudo_labels') and not (task.segmentation and crop_mode == 'region'):
+    raise ConfigError('config.data.pseudo_labels=True: only a localizer that crops around the '
+                      "spine (model.mode='segment', data.crop_mode='region') reads predicted "
+                      'masks as labels')
   shape = tuple(int(v) for v in config.data.get(task.shape_key) or ())
   model_shape = tuple(int(v) for v in model.get('input_shape') or ())
   if shape != model_shape:
