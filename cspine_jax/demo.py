@@ -24,7 +24,8 @@ Stages (data stages resumable; rerunning skips what is done):
                            their true boxes, beside the same studies at the predicted ones, so
                            the line shows which stage limits the result (--notwo_stage: the
                            studies with masks, at their true boxes, only)
-Takes ~33 minutes on 2 CPU cores (data ~1.5, localizer ~25, classifier ~6; --notwo_stage ~7).
+Takes ~45 minutes on 2 CPU cores (data ~1.5, localizer ~24 + ~12 for its two passes, classifier
+~6; --notwo_stage ~7).
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def define_flags():
                        '(configs/localizer_coarse.py, configs/localizer.py).')
   # On by default: with the localizer's boxes (held-out Dice 0.91) the classifier trains and is
   # scored on every study (README "Measured"), as it would be on new scans, which have no masks.
-  # --notwo_stage skips the localizer (~24 minutes shorter).
+  # --notwo_stage skips the localizer (~36 minutes shorter).
   flags.DEFINE_bool('two_stage', True, 'Train the localizer and localize every study first; '
                     'without it the classifier uses only the studies that have true masks.')
   flags.DEFINE_bool('train', True, 'Run the training and evaluation stages.')

@@ -205,9 +205,10 @@ class Localizer:
       self.coarse = restore.InferenceModel(coarse_dir, 'latest', self.model.mesh,
                                            expect='localizer')
       if self.coarse.data.crop_mode != 'volume':
-        raise cli.UsageError(f'{coarse_dir} (config.localizer.coarse_workdir of {workdir}): '
-                         f'data.crop_mode={self.coarse.data.crop_mode!r}, not a coarse '
-                         "localizer over the whole scan ('volume'; configs/localizer_coarse.py)")
+        raise cli.UsageError(
+            f'{coarse_dir} (config.localizer.coarse_workdir of {workdir}): data.crop_mode='
+            f"{self.coarse.data.crop_mode!r}, not a coarse localizer over the whole scan "
+            "('volume'; configs/localizer_coarse.py)")
 
   def tag(self) -> dict:
     """What a localized study records: which models and post-processing made its mask."""
@@ -226,9 +227,9 @@ def coarse_workdir(config, workdir: str) -> str:
   key = f'config.localizer.coarse_workdir of {workdir}'
   if not path:
     raise cli.UsageError(f'{key} is empty: this localizer crops around the spine '
-                     "(data.crop_mode='region') and needs its coarse pass; train "
-                     'configs/localizer_coarse.py and pass its workdir as '
-                     '--config.localizer.coarse_workdir when training configs/localizer.py')
+                         "(data.crop_mode='region') and needs its coarse pass; train "
+                         'configs/localizer_coarse.py and pass its workdir as '
+                         '--config.localizer.coarse_workdir when training configs/localizer.py')
   if not os.path.isfile(os.path.join(path, 'config.json')):
     raise cli.UsageError(f'{key}={path}: not a training workdir (no config.json)')
   return path
