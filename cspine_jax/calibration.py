@@ -42,6 +42,7 @@ import os
 import numpy as np
 from scipy import optimize
 
+from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax.data import store
 
@@ -203,3 +204,23 @@ def load(workdir: str) -> dict | None:
 
 def temperatures_of(record: dict) -> np.ndarray:
   return np.array([float(record['temperatures'][n]) for n in constants.TARGETS])
+
+
+def for_step(workdir: str, step: int, enabled: bool = True) -> tuple[dict | None, str]:
+  """(the workdir's calibration record if it applies to ``step``, else None; what was done)."""
+  if not enabled:
+    return None, 'off (--nocalibrate)'
+  try:
+    record = load(workdir)
+  except ValueError as e:
+    raise cli.Failure(str(e)) from None
+  if record is None:
+    return None, (f'none (no {FILE} in the workdir: python -m cspine_jax.calibrate '
+                  'fits one on the validation fold)')
+  fitted = record.get('checkpoint_step')
+  if fitted != step:
+    cli.warn(f'{path(workdir)} was fitted on checkpoint step {fitted}, this is step '
+             f'{step}: not applied (rerun python -m cspine_jax.calibrate --workdir={workdir} '
+             f'--checkpoint={step})')
+    return None, f'not applied (fitted on step {fitted}, evaluating step {step})'
+  return record, path(workdir)

@@ -85,26 +85,6 @@ def select_studies(config, split: str, boxes: str) -> list:
   return studies
 
 
-def load_calibration(workdir: str, step: int, enabled: bool = True) -> tuple[dict | None, str]:
-  """(the workdir's calibration record if it applies to ``step``, else None; what was done)."""
-  if not enabled:
-    return None, 'off (--nocalibrate)'
-  try:
-    record = calibration.load(workdir)
-  except ValueError as e:
-    raise cli.Failure(str(e)) from None
-  if record is None:
-    return None, (f'none (no {calibration.FILE} in the workdir: python -m cspine_jax.calibrate '
-                  'fits one on the validation fold)')
-  fitted = record.get('checkpoint_step')
-  if fitted != step:
-    cli.warn(f'{calibration.path(workdir)} was fitted on checkpoint step {fitted}, this is step '
-             f'{step}: not applied (rerun python -m cspine_jax.calibrate --workdir={workdir} '
-             f'--checkpoint={step})')
-    return None, f'not applied (fitted on step {fitted}, evaluating step {step})'
-  return record, calibration.path(workdir)
-
-
 def run(workdir: str, data: str, checkpoint: str, output: str, threshold: float = 0.5,
         split: str = 'all', boxes: str = 'auto', calibrate: bool = True) -> dict:
   data = store.dataset(data, '--data')
@@ -119,7 +99,7 @@ def run(workdir: str, data: str, checkpoint: str, output: str, threshold: float 
   config, step = model.config, model.step
   config.data.root = data
   studies = select_studies(config, split, boxes)
-  record, calibration_note = load_calibration(workdir, int(step), calibrate)
+  record, calibration_note = calibration.for_step(workdir, int(step), calibrate)
   result = evaluate.evaluate(config, lambda x: model('probs', x), mesh, studies=studies)
   raw = result['probs']
   probs_all = (calibration.apply_temperatures(raw, calibration.temperatures_of(record))

@@ -14,7 +14,11 @@ One series (a --dicom folder holding .dcm files, or no sub-folder at all) writes
                                              "center_lps_mm": [...], "probability": p}, ...},
                         "volume": {shape, spacing_mm, origin, direction, slices},
                         "checkpoints": {"classifier": step, "localizer": step},
+                        "calibration": "applied" | "none",
                         "timings_s": {stage: seconds, ..., "total": s}, "warnings": [...]}
+  ("applied": CLASSIFIER/calibration.json, fitted on that checkpoint by `python -m
+  cspine_jax.calibrate`, set the probabilities, as eval applies it; patient_overall is then at
+  least its largest found vertebra's)
   OUT/overlay.png      sagittal and coronal views through the spine, vertebrae coloured and
                        labelled with their probabilities, the patient probability in the title
   OUT/seg.dcm, OUT/sr.dcm   with --dicom_outputs: the vertebra mask as a DICOM SEG (none when

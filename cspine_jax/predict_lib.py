@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cspine_jax import cli
+from cspine_jax import calibration
 from cspine_jax import constants
 from cspine_jax import dicom_outputs
 from cspine_jax import localize_lib
@@ -111,6 +112,18 @@ class Prediction:
   slice_files: list[str] | None  # the DICOM file of each z slice; None from a converted volume
 
 
+def calibrate(probs, record: dict, found) -> np.ndarray:
+  """(8,) probabilities with the record's per-target temperatures, and patient_overall raised to
+  the largest calibrated vertebra among those ``found`` (a vertebra without a box has no image
+  behind its output, so it cannot raise the patient's)."""
+  t = calibration.temperatures_of(record)
+  out = calibration.sigmoid(calibration.logits_from_probs(np.asarray(probs, np.float64)) / t)
+  seen = [1 + constants.VERTEBRAE.index(v) for v in found]
+  if seen:
+    out[0] = max(out[0], out[seen].max())
+  return out
+
+
 class Predictor:
   """Both models, restored once and reused for every study (each head is jitted once per model:
   `restore.InferenceModel.jitted`, so only the first study pays for XLA compilation)."""
@@ -122,6 +135,10 @@ class Predictor:
     self.localizer = localize_lib.load(localizer_dir, localizer_checkpoint, mesh)
     self.classifier = restore.InferenceModel(classifier_dir, classifier_checkpoint, mesh,
                                              expect='classifier')
+    # CLASSIFIER/calibration.json (python -m cspine_jax.calibrate) where it was fitted on this
+    # checkpoint: the probabilities predict reports are the ones eval scored.
+    self.calibration, self.calibration_note = calibration.for_step(classifier_dir,
+                                                                   int(self.classifier.step))
     self.load_s = time.perf_counter() - t0
 
   @property
@@ -181,6 +198,8 @@ class Predictor:
       located = localize_lib.study_from_geometry(UID, hu.shape, spacing, direction, origin,
                                                  loc.boxes)
       probs = classify(self.classifier, reader, located)
+      if self.calibration is not None:
+        probs = calibrate(probs, self.calibration, found)
       timings['classify'] = time.perf_counter() - t0
       probabilities['patient_overall'] = float(probs[0])
       for i, name in enumerate(constants.VERTEBRAE):
@@ -221,6 +240,7 @@ class Predictor:
                    'direction': [[float(v) for v in r] for r in direction],
                    'slices': int(slices), 'frame': 'LPS; voxel (z, y, x)'},
         'checkpoints': self.checkpoints,
+        'calibration': 'applied' if self.calibration is not None else 'none',
         'timings_s': {k: round(v, 3) for k, v in timings.items()},
         'warnings': warnings,
     }

@@ -18,6 +18,7 @@ import pytest
 from configs import demo
 from configs import localizer
 from configs import localizer_coarse
+from cspine_jax import calibration
 from cspine_jax import constants
 from cspine_jax import localize_lib
 from cspine_jax import losses
@@ -836,3 +837,29 @@ def test_training_a_fine_localizer_needs_its_coarse_pass(two_stage, tmp_path):
   c.localizer.coarse_workdir = os.path.relpath(two_stage['coarse'])
   train_loop.check_coarse_localizer(c, task)
   assert c.localizer.coarse_workdir == two_stage['coarse']  # kept absolute in config.json
+
+
+def test_predict_applies_the_classifiers_calibration(two_stage, tmp_path, monkeypatch):
+  """CLASSIFIER/calibration.json fitted on its checkpoint: predict reports the calibrated
+  probabilities (each target's logit / T, patient_overall at least the largest vertebra), as
+  eval scores them; a record of another step is not applied."""
+  study, mask = _segmented_study(two_stage)
+  _oracle_localizer(monkeypatch, mask)
+  cls = str(tmp_path / 'classifier')
+  shutil.copytree(two_stage['classifier'], cls)
+  raw, _ = predict_lib.predict(cls, two_stage['localizer'], study)
+  step = raw['checkpoints']['classifier']
+  temps = dict(zip(constants.TARGETS, (2.0, 0.5, 1.0, 3.0, 1.0, 1.0, 1.0, 0.25)))
+  calibration.save(cls, {'temperatures': temps, 'checkpoint_step': step})
+  cal, _ = predict_lib.predict(cls, two_stage['localizer'], study)
+  assert (raw['calibration'], cal['calibration']) == ('none', 'applied')
+  logit = lambda p: np.log(p) - np.log1p(-p)
+  sig = lambda z: 1.0 / (1.0 + np.exp(-z))
+  want = {t: sig(logit(raw['probabilities'][t]) / temps[t]) for t in constants.TARGETS}
+  want['patient_overall'] = max(want['patient_overall'],
+                                *(want[v] for v in constants.VERTEBRAE))
+  for t in constants.TARGETS:
+    assert cal['probabilities'][t] == pytest.approx(want[t], rel=1e-5, abs=1e-7), t
+  calibration.save(cls, {'temperatures': temps, 'checkpoint_step': step + 1})
+  other, _ = predict_lib.predict(cls, two_stage['localizer'], study)
+  assert other['calibration'] == 'none' and other['probabilities'] == raw['probabilities']
