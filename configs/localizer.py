@@ -50,17 +50,13 @@ from configs import common
 
 
 def get_config():
-  config = common.get_config()
+  config = common.localizer(common.get_config())
   d = config.data
   d.crop_mode = 'region'  # a fixed-spacing crop centred on the C1-C7 box ...
   d.with_segmentation = True  # ... with its true labels
   d.fit_to_box = False
   d.input_shape = (80, 48, 48)
   d.spacing_mm = (2.5, 2.5, 2.5)
-  d.windows = (common.BONE_WINDOW, (50.0, 400.0))
-  d.require_segmentation = True  # a localizer learns from true masks only
-  d.fold = 0
-  d.num_folds = 5
   # Small jitter: the model learns that the column is centred in its crop, which the coarse
   # pass and the recentring make true (larger jitter and zoom: see the docstring).
   d.augment.jitter_mm = (6.0, 6.0, 6.0)
@@ -69,33 +65,11 @@ def get_config():
   d.augment.intensity_scale = 0.1
   d.augment.intensity_shift_hu = 40.0
   d.augment.noise_hu = 25.0
-  d.num_threads = 2
-  d.prefetch = 2
-  d.cache_mb = 128
   config.batch_size = 2
   config.total_steps = 1500
-  config.log_every_steps = 20
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
-  config.loss = 'ce_dice'
-  config.dice_weight = 3.0
-  # Each patch token also predicts its patch's label histogram (losses.token_label_loss).
-  config.token_loss_weight = 1.0
-  config.optimizer.lr = 3e-3
-  config.optimizer.warmup_steps = 30
-  config.optimizer.weight_decay = 0.01
   # The coarse pass (configs/localizer_coarse.py) whose labels place this one's crop; read by
   # data_tools.localize and predict, checked when training starts.
   config.localizer.coarse_workdir = ''
-  m = config.model
-  m.mode = 'segment'
-  m.in_channels = 2
-  m.patch_size = (4, 8, 8)
-  m.width = 128
-  m.depth = 4
-  m.num_heads = 4
-  m.mlp_dim = 256
-  m.decoder_features = 16
-  m.decoder_hidden = 32
-  m.context = 1  # the decoder sees each voxel's 3^3 neighbourhood of intensities
   return config
