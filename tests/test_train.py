@@ -237,3 +237,9 @@ def test_missing_dataset_is_a_clear_error(smoke_config, tmp_path):
   smoke_config.data.root = str(tmp_path / 'nothing')
   with pytest.raises(train_loop.ConfigError, match='no manifest.jsonl'):
     train_loop.train_and_evaluate(smoke_config, str(tmp_path / 'w'), progress=False)
+
+
+def test_negative_fov_cut_names_the_key(smoke_config, tmp_path):
+  smoke_config.data.augment.fov_cut_mm = (10.0, -5.0)
+  with pytest.raises(train_loop.ConfigError, match=r'config.data.augment.fov_cut_mm'):
+    train_loop.train_and_evaluate(smoke_config, str(tmp_path / 'w'), progress=False)

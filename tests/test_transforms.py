@@ -324,3 +324,94 @@ def test_z_zoom_stretches_only_z_and_leaves_older_streams_alone():
   np.testing.assert_allclose(np.diag(tall.matrix), np.diag(plain.matrix) * [1.25, 1.0, 1.0])
   centre = lambda m: m.matrix @ np.full(3, 3.5) + m.offset
   np.testing.assert_allclose(centre(tall), centre(plain))  # about the crop's centre
+
+
+def _fov_cfg(prob=1.0, mm=(10.0, 20.0)):
+  cfg = _cfg(crop_mode='volume', input_shape=(16, 8, 8), volume_spacing_mm=())
+  cfg.augment.enabled = True
+  cfg.augment.update(jitter_mm=(0.0, 0.0, 0.0), rotate_deg=0.0, scale=0.0, flip_x_prob=0.0,
+                     fov_cut_prob=prob, fov_cut_mm=mm)
+  return cfg
+
+
+def test_fov_cut_takes_slices_off_the_top_and_bottom_whatever_the_slice_order():
+  """augment.fov_cut_prob: U[0, top] mm off the superior end and U[0, bottom] mm off the
+  inferior one, on the index axis closest to head-feet, whichever way it runs."""
+  u = np.random.default_rng(3).uniform(size=4)
+  top, bottom = int(round(u[1] * 10 / 2)), int(round(u[3] * 20 / 2))
+  assert top > 0 and bottom > 0 and top != bottom  # the seed shows which end is which
+  cfg, shape, spacing = _fov_cfg(), (50, 8, 8), (2.0, 1.0, 1.0)
+  head_first = fixtures.STANDARD_DIRECTION  # index 0 = the top slice
+  feet_first = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+  cut = lambda d, sh=shape, sp=spacing: transforms.fov_cut(sh, sp, d, cfg,
+                                                           np.random.default_rng(3))
+  assert cut(head_first) == (0, top, 50 - bottom)
+  assert cut(feet_first) == (0, bottom, 50 - top)
+  sagittal = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, -1.0))  # index 2 runs to the feet
+  assert cut(sagittal, (8, 8, 50), (1.0, 1.0, 2.0)) == (2, top, 50 - bottom)
+  # Off: no cut and no draw, so the streams of configs without it are unchanged.
+  rng = np.random.default_rng(3)
+  assert transforms.fov_cut(shape, spacing, head_first, _fov_cfg(prob=0.0), rng) is None
+  assert rng.uniform() == u[0]
+  assert transforms.fov_cut(shape, spacing, head_first, cfg, None) is None
+  # Never more than half the scan.
+  _, lo, hi = transforms.fov_cut(shape, spacing, head_first, _fov_cfg(mm=(1e3, 1e3)),
+                                 np.random.default_rng(3))
+  assert hi - lo >= 25 and lo > 0 and hi < 50
+
+
+def test_volume_crop_of_a_cut_scan_is_the_crop_of_the_shorter_scan():
+  """A 'volume' crop with the cut stretches the kept slices onto the grid exactly as it would
+  a scan of those slices alone; with rotation, what the map reaches beyond them is padding."""
+  vol = np.random.default_rng(0).integers(-500, 1500, (40, 12, 12)).astype(np.int16)
+  cfg, spacing, d = _fov_cfg(), (2.0, 1.0, 1.0), fixtures.STANDARD_DIRECTION
+  cut = (0, 5, 30)
+  cmap = transforms.volume_crop_map(vol.shape, spacing, d, cfg, cut=cut)
+  out = geometry.resample(_numpy_read(vol), vol.shape, cmap, -1024.0)
+  assert not transforms.outside_cut(cmap, cut).any()
+  short = vol[5:30]
+  ref_map = transforms.volume_crop_map(short.shape, spacing, d, cfg)
+  ref = geometry.resample(_numpy_read(short), short.shape, ref_map, -1024.0)
+  np.testing.assert_allclose(out, ref, atol=1e-3)
+  tilted = transforms.volume_crop_map(vol.shape, spacing, d, cfg,
+                                      geometry.Augment(angles_rad=(0.0, 0.5, 0.0), zoom=1.2), cut)
+  outside = transforms.outside_cut(tilted, cut)
+  z = np.einsum('j,zyxj->zyx', tilted.matrix[0],
+                np.stack(np.meshgrid(*[np.arange(n) for n in tilted.shape], indexing='ij'), -1)
+                ) + tilted.offset[0]
+  assert outside.any() and (~outside).any()
+  np.testing.assert_array_equal(outside, (z < 4.5) | (z > 29.5))
+
+
+def test_region_crop_with_a_cut_pads_image_and_labels_beyond_it(spine):
+  """The fine localizer's crop: the same augmented crop, with pad_hu and label 0 beyond the
+  kept slices (its draws come after the spatial ones, which stay as they were)."""
+  study, = manifest.load_manifest(spine)
+  reader = sources.VolumeReader(spine, cache_bytes=8 << 20)
+  cfg = _cfg(root=spine, input_shape=(48, 24, 24), spacing_mm=(3.0, 2.0, 2.0), fit_to_box=False)
+  cfg.augment.enabled = True
+  cfg.augment.update(fov_cut_prob=1.0, fov_cut_mm=(60.0, 60.0))
+  image, seg = transforms.make_region_crop(reader, study, cfg, np.random.default_rng(2),
+                                           with_segmentation=True)
+  rng = np.random.default_rng(2)
+  aug = transforms._augment(cfg, rng)
+  cut = transforms.fov_cut(study.shape, study.spacing_mm, study.direction, cfg, rng)
+  cmap, _ = transforms.region_crop_map(study, cfg, aug)
+  outside = transforms.outside_cut(cmap, cut)
+  cfg.augment.fov_cut_prob = 0.0
+  image0, seg0 = transforms.make_region_crop(reader, study, cfg, np.random.default_rng(2),
+                                             with_segmentation=True)
+  assert outside.any() and (seg0[outside] > 0).any()  # the cut removes labelled bone
+  assert np.all(image[outside] == cfg.pad_hu) and np.all(seg[outside] == 0)
+  np.testing.assert_array_equal(image[~outside], image0[~outside])
+  np.testing.assert_array_equal(seg[~outside], seg0[~outside])
+
+
+def test_fov_cut_is_refused_where_no_crop_applies_it():
+  cfg = _fov_cfg()
+  cfg.crop_mode = 'vertebrae'
+  with pytest.raises(ValueError, match='config.data.augment.fov_cut_prob'):
+    transforms.RandomCrop(None, cfg)
+  cfg.update(crop_mode='region', crop_on='device', fit_to_box=False)
+  with pytest.raises(ValueError, match='fov_cut_prob'):
+    transforms.RandomCrop(None, cfg)

@@ -111,6 +111,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # And a zoom along z alone in [1 - s, 1 + s] (taller or shorter vertebrae and discs, other
   # slice spacings); 0 = off. Host crops only.
   c.augment.scale_z = 0.0
+  # A shorter scan: with probability p per end, the slices within U[0, mm] of the scan's top
+  # (superior) and bottom become padding (pad_hu, label 0), and a 'volume' crop stretches what
+  # is left. Real scans start anywhere from the skull to C1 and stop anywhere from C7 to the
+  # thorax; without it a localizer trained on one coverage learns to count from the scan's
+  # ends. 0 = off (no extra draws). Host region and volume crops only.
+  c.augment.fov_cut_prob = 0.0
+  c.augment.fov_cut_mm = (25.0, 60.0)  # (top, bottom) largest cut
   c.augment.flip_x_prob = 0.5  # Left-right mirror (labels are per level, not per side).
   c.augment.intensity_scale = 0.05  # HU * U[1 - a, 1 + a] ...
   c.augment.intensity_shift_hu = 20.0  # ... + U[-b, b] ...

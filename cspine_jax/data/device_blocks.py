@@ -44,6 +44,9 @@ def check_config(cfg) -> None:
   if cfg.augment.get('scale_z', 0.0):
     raise ValueError("config.data.crop_on='device' does not draw config.data.augment.scale_z "
                      "(a zoom along z alone); set it to 0 or use crop_on='host'")
+  if cfg.augment.get('fov_cut_prob', 0.0):
+    raise ValueError("config.data.crop_on='device' does not draw config.data.augment."
+                     "fov_cut_prob (a shorter scan); set it to 0 or use crop_on='host'")
   if cfg.fit_to_box:
     raise ValueError("config.data.crop_on='device' needs a fixed crop spacing "
                      '(config.data.fit_to_box=False): the block has one shape for every study')

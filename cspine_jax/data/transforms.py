@@ -86,6 +86,41 @@ def sample_labels(read_for: Callable[[str], Callable], study, kind: str,
                            0, order=0)
 
 
+def fov_cut(shape, spacing_mm, direction, cfg, rng) -> tuple[int, int, int] | None:
+  """A shorter scan (``augment.fov_cut_prob``): (axis, lo, hi), the slices [lo, hi) kept along
+  the slice axis, or None (off, or no rng). Four draws whenever it is on, none when off, so
+  streams of configs without it are unchanged. At most half the slices are cut; None when
+  the draws cut nothing."""
+  aug = cfg.augment
+  prob = float(aug.get('fov_cut_prob', 0.0))
+  if not _augment_on(cfg, rng) or prob <= 0.0:
+    return None
+  u = rng.uniform(size=4)
+  top_mm, bottom_mm = (float(m) for m in aug.fov_cut_mm)
+  d = np.asarray(direction, float)
+  axis = int(np.argmax(np.abs(d[:, 2])))  # the index axis closest to head-feet (LPS z)
+  n = int(shape[axis])
+  cut = np.array([u[1] * top_mm if u[0] < prob else 0.0,
+                  u[3] * bottom_mm if u[2] < prob else 0.0]) / float(spacing_mm[axis])
+  if cut.sum() > n / 2:
+    cut *= (n / 2) / cut.sum()
+  top, bottom = (int(round(c)) for c in cut)
+  if top == bottom == 0:
+    return None
+  if d[axis, 2] > 0:  # increasing index goes superior: the top is the high end
+    return axis, bottom, n - top
+  return axis, top, n - bottom
+
+
+def outside_cut(cmap: geometry.CropMap, cut) -> np.ndarray:
+  """Bool of ``cmap.shape``: the output voxels whose source lies outside the kept slices."""
+  axis, lo, hi = cut
+  m, grids = cmap.matrix[axis], [np.arange(n, dtype=float) for n in cmap.shape]
+  idx = (m[0] * grids[0][:, None, None] + m[1] * grids[1][None, :, None]
+         + m[2] * grids[2][None, None, :] + cmap.offset[axis])
+  return (idx < lo - 0.5) | (idx > hi - 0.5)
+
+
 def _sample_image(reader: sources.VolumeReader, study, cmap: geometry.CropMap, cfg) -> np.ndarray:
   return sample_image(lambda kind: reader.reader_for(kind, study.uid), study, cmap, cfg.pad_hu,
                       use_levels=bool(cfg.levels))
@@ -128,7 +163,7 @@ def region_crop_map(study, cfg, augment: geometry.Augment = geometry.Augment()):
 
 
 def volume_crop_map(shape, spacing_mm, direction, cfg,
-                    augment: geometry.Augment = geometry.Augment()) -> geometry.CropMap:
+                    augment: geometry.Augment = geometry.Augment(), cut=None) -> geometry.CropMap:
   """``CropMap`` of the whole scanned volume on ``cfg.input_shape`` (the coarse localizer).
 
   Centred on the volume's centre. With ``cfg.volume_spacing_mm`` empty, the per-axis spacing is
@@ -136,10 +171,14 @@ def volume_crop_map(shape, spacing_mm, direction, cfg,
   spine looks larger in a small field of view than in a large one. With a spacing, the grid has
   that fixed physical spacing (what a localizer must see to generalize across fields of view
   and slice spacings; parts outside the scan are ``pad_hu``). Takes plain geometry (not a
-  Study) so that prediction on a DICOM series in memory uses the very same map.
+  Study) so that prediction on a DICOM series in memory uses the very same map. ``cut``
+  (``fov_cut``): the map covers the kept slices only, as it would a scan of those slices.
   """
   a_mm = geometry.mm_to_index(spacing_mm, direction, cfg.canonical_orientation)
-  box = (0, 0, 0) + tuple(int(n) for n in shape)
+  box = [0, 0, 0] + [int(n) for n in shape]
+  if cut is not None:
+    axis, lo, hi = cut
+    box[axis], box[axis + 3] = lo, hi
   out_shape = tuple(cfg.input_shape)
   fixed = tuple(cfg.get('volume_spacing_mm') or ())
   spacing = (np.asarray(fixed, float) if fixed
@@ -155,11 +194,22 @@ def make_volume_crop(reader: sources.VolumeReader, study, cfg, rng=None):
   zeros when the study has none (the localizer config keeps only segmented studies).
   """
   aug = _augment(cfg, rng) if _augment_on(cfg, rng) else geometry.Augment()
-  cmap = volume_crop_map(study.shape, study.spacing_mm, study.direction, cfg, aug)
+  cut = fov_cut(study.shape, study.spacing_mm, study.direction, cfg, rng)
+  cmap = volume_crop_map(study.shape, study.spacing_mm, study.direction, cfg, aug, cut)
   image = _sample_image(reader, study, cmap, cfg)
-  if not study.has_segmentation:
-    return image, np.zeros(cmap.shape, np.uint8)
-  return image, _sample_labels(reader, study, store.SEGMENTATIONS, cmap, cfg)
+  seg = (_sample_labels(reader, study, store.SEGMENTATIONS, cmap, cfg) if study.has_segmentation
+         else np.zeros(cmap.shape, np.uint8))
+  return _apply_cut(image, seg, cmap, cut, cfg)
+
+
+def _apply_cut(image, seg, cmap, cut, cfg):
+  """Pads what lies outside the kept slices (labels 0 there), as the shorter scan would."""
+  if cut is not None:
+    out = outside_cut(cmap, cut)
+    image[out] = cfg.pad_hu
+    if seg is not None:
+      seg[out] = 0
+  return image if seg is None else (image, seg)
 
 
 def vertebra_crop_maps(study, cfg, augments=None, boxes=None):
@@ -194,13 +244,14 @@ def make_region_crop(reader: sources.VolumeReader, study, cfg, rng=None,
   """
   aug = _augment(cfg, rng) if _augment_on(cfg, rng) else geometry.Augment()
   cmap, _ = region_crop_map(study, cfg, aug)
+  cut = fov_cut(study.shape, study.spacing_mm, study.direction, cfg, rng)
   image = _sample_image(reader, study, cmap, cfg)
-  if not with_segmentation:
-    return image
-  kind = study.segmentation_kind
-  if kind is None:
-    return image, np.zeros(cmap.shape, np.uint8)
-  return image, _sample_labels(reader, study, kind, cmap, cfg)
+  seg = None
+  if with_segmentation:
+    kind = study.segmentation_kind
+    seg = (np.zeros(cmap.shape, np.uint8) if kind is None
+           else _sample_labels(reader, study, kind, cmap, cfg))
+  return _apply_cut(image, seg, cmap, cut, cfg)
 
 
 def _training_boxes(study, cfg, rng) -> dict | None:
@@ -276,6 +327,9 @@ class _Crop:
       device_blocks.check_config(cfg)
       self._block_shape = device_blocks.block_shape(cfg)
       self._crop = self._region_block
+    if cfg.augment.get('fov_cut_prob', 0.0) and cfg.crop_mode == 'vertebrae':
+      raise ValueError("config.data.augment.fov_cut_prob applies to 'region' and 'volume' crops, "
+                       "not crop_mode='vertebrae'; set it to 0")
     if cfg.fallback != 'center':
       raise ValueError(f'fallback={cfg.fallback!r}: only "center" exists (see data/config.py)')
 
