@@ -22,6 +22,9 @@ box matters (error on the shifted validation studies: median 7 mm in z, at most 
 instead (288 mm each way); measured as the coarse pass (1500 steps, z zoom 20%; README), its
 centre was worse (median 10 mm, at most 28) and so was the localizer it placed on the standard
 studies (0.787 against 0.926), though better on the shifted ones (0.602 against 0.504).
+Trained with scans cut shorter (`data.augment.fov_cut_prob=0.5`) and 15% zooms (1200 steps), its
+centre was worse on both validation sets (up to 24 mm off on the shifted ones; the localizer it
+placed 0.595 / 0.492 against 0.815 / 0.533): stretched, a cut scan also changes the spine's size.
 
 History on the demo data (full-grid Dice): 48^3 grid, 8^3 patches, no context, nearest
 upsampling, 900 steps: 0.69 (it drew the cortical rim, not the interior); 4x8x8 patches, 3^3
