@@ -24,7 +24,7 @@ Stages (data stages resumable; rerunning skips what is done):
                            their true boxes, beside the same studies at the predicted ones, so
                            the line shows which stage limits the result (--notwo_stage: the
                            studies with masks, at their true boxes, only)
-Takes ~45 minutes on 2 CPU cores (data ~1.5, localizer ~24 + ~12 for its two passes, classifier
+Takes ~55 minutes on 2 CPU cores (data ~1.5, localizer ~24 + ~20 for its two passes, classifier
 ~6; --notwo_stage ~7).
 """
 from __future__ import annotations
