@@ -21,7 +21,6 @@ import numpy as np
 import scipy.ndimage as ndi
 from tqdm import tqdm
 
-from cspine_jax import cli
 from cspine_jax import constants
 from cspine_jax import restore
 from cspine_jax import seg_metrics
@@ -201,14 +200,9 @@ class Localizer:
     self.step = self.model.step
     self.coarse = None
     if self.model.data.crop_mode != 'volume':
-      coarse_dir = coarse_workdir(self.model.config, workdir)
-      self.coarse = restore.InferenceModel(coarse_dir, 'latest', self.model.mesh,
-                                           expect='localizer')
-      if self.coarse.data.crop_mode != 'volume':
-        raise cli.UsageError(
-            f'{coarse_dir} (config.localizer.coarse_workdir of {workdir}): data.crop_mode='
-            f"{self.coarse.data.crop_mode!r}, not a coarse localizer over the whole scan "
-            "('volume'; configs/localizer_coarse.py)")
+      self.coarse = restore.InferenceModel(
+          restore.coarse_localizer_workdir(self.model.config, workdir), 'latest',
+          self.model.mesh, expect='localizer')
 
   def tag(self) -> dict:
     """What a localized study records: which models and post-processing made its mask."""
@@ -218,21 +212,6 @@ class Localizer:
       tag['coarse'] = {'workdir': os.path.abspath(self.coarse.workdir),
                        'step': int(self.coarse.step)}
     return tag
-
-
-def coarse_workdir(config, workdir: str) -> str:
-  """The coarse localizer's workdir that a fine one names (``config.localizer.coarse_workdir``),
-  checked to be a training workdir; the error names the key and what to do."""
-  path = str(config.get('localizer', {}).get('coarse_workdir', '') or '')
-  key = f'config.localizer.coarse_workdir of {workdir}'
-  if not path:
-    raise cli.UsageError(f'{key} is empty: this localizer crops around the spine '
-                         "(data.crop_mode='region') and needs its coarse pass; train "
-                         'configs/localizer_coarse.py and pass its workdir as '
-                         '--config.localizer.coarse_workdir when training configs/localizer.py')
-  if not os.path.isfile(os.path.join(path, 'config.json')):
-    raise cli.UsageError(f'{key}={path}: not a training workdir (no config.json)')
-  return path
 
 
 def load(workdir: str, checkpoint: str = 'latest', mesh=None) -> Localizer:

@@ -74,6 +74,31 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def coarse_localizer_workdir(config, owner: str = '') -> str:
+  """The coarse pass a fine localizer names (``config.localizer.coarse_workdir``), absolute.
+
+  factory.ConfigError naming the key (of ``owner``'s config, when given) if it is empty, not a
+  training workdir, or not a whole-scan localizer: checked when training starts and when the
+  localizer is loaded, with the same words.
+  """
+  key = 'config.localizer.coarse_workdir' + (f' of {owner}' if owner else '')
+  path = str(config.get('localizer', {}).get('coarse_workdir', '') or '')
+  if not path:
+    raise factory.ConfigError(
+        f"{key} is empty: a localizer with data.crop_mode='region' crops around the spine where "
+        'its coarse pass puts it; train configs/localizer_coarse.py first and pass its workdir '
+        'as --config.localizer.coarse_workdir')
+  if not os.path.isfile(os.path.join(path, 'config.json')):
+    raise factory.ConfigError(f'{key}={path!r}: not a training workdir (no config.json); train '
+                              'configs/localizer_coarse.py there first')
+  mode = load_config(path).get('data', {}).get('crop_mode')
+  if mode != 'volume':
+    raise factory.ConfigError(
+        f'{key}={path!r}: data.crop_mode={mode!r}, not a coarse localizer over the whole scan '
+        "('volume'; configs/localizer_coarse.py)")
+  return os.path.abspath(path)
+
+
 class InferenceModel:
   """A trained model of any workdir, frozen and replicated on the mesh.
 

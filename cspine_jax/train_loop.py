@@ -103,21 +103,7 @@ def check_coarse_localizer(config, task) -> None:
   checked now, not when data_tools.localize first needs it, and kept as an absolute path."""
   if not task.segmentation or config.data.get('crop_mode') == 'volume':
     return
-  path = str(config.get('localizer', {}).get('coarse_workdir', '') or '')
-  if not path:
-    raise ConfigError("config.localizer.coarse_workdir is empty: a localizer with "
-                      "data.crop_mode='region' crops around the spine where its coarse pass "
-                      'puts it; train configs/localizer_coarse.py first and pass its workdir')
-  coarse = os.path.join(path, 'config.json')
-  if not os.path.isfile(coarse):
-    raise ConfigError(f'config.localizer.coarse_workdir={path!r}: not a training workdir (no '
-                      'config.json); train configs/localizer_coarse.py there first')
-  with open(coarse) as f:
-    mode = json.load(f).get('data', {}).get('crop_mode')
-  if mode != 'volume':
-    raise ConfigError(f'config.localizer.coarse_workdir={path!r}: data.crop_mode={mode!r}, not a '
-                      "coarse localizer over the whole scan ('volume'; configs/localizer_coarse.py)")
-  config.localizer.coarse_workdir = os.path.abspath(path)
+  config.localizer.coarse_workdir = restore.coarse_localizer_workdir(config)
 
 
 def check_data(config, task) -> bool:
